@@ -1,0 +1,32 @@
+# Set-up commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: a CPU build from its pinned version, unless a torch is already importable (e.g. a GPU machine).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline.yaml
+
+test: venv
+	# pytest exit code 5 (no tests collected) is not a failure.
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q || [ $$? -eq 5 ]
+
+bench: venv
+	for b in benchmarks/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+
+lint: venv
+	$(VENV)/bin/ruff check memmcl callbacks tests benchmarks scripts
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

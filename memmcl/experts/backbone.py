@@ -1,0 +1,191 @@
+"""Backbone loading: one function, `load_backbone`, for every model a user can name.
+
+A name resolves to a local directory that holds an HF causal LM and its tokenizer:
+- an existing directory is used as it is;
+- a registered name (`tiny`, ...) is built once into a cache directory and then loaded from there, so the tests run
+  the same `from_pretrained` code as a user's own model;
+- any other string is handed to `from_pretrained` as a hub name, which works only where the model is already in
+  the local HF cache (`HF_HUB_OFFLINE=1` is honoured; nothing is fetched by this project).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(ValueError):
+    """A backbone name or directory that cannot be loaded; the message names the path and what was expected."""
+
+
+def cache_root() -> Path:
+    """Returns the directory where built backbones are cached (`$MEMMCL_CACHE`, else ~/.cache/memmcl)."""
+    return Path(os.environ.get("MEMMCL_CACHE", Path.home() / ".cache" / "memmcl"))
+
+
+@dataclass(frozen=True)
+class TinyBackboneConfig:
+    """A small Llama-architecture causal LM and a byte-level BPE tokenizer trained offline on a corpus."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 320
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, max_length: int):
+    """Returns a byte-level BPE `PreTrainedTokenizerFast` trained on `corpus` (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(corpus)
+    if not texts:
+        raise BackboneError("tiny backbone: the tokenizer corpus is empty; expected at least one text")
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **SPECIAL_TOKENS)
+
+
+def build_tiny_backbone(out_dir: str | Path, config: TinyBackboneConfig, corpus: Iterable[str]) -> Path:
+    """Builds a tiny Llama model and tokenizer from `config`, saves both with `save_pretrained`; returns `out_dir`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(corpus, config.vocab_size, config.max_position_embeddings)
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),  # BPE on a small corpus can stop below the requested size
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(model_config)
+    out_dir = Path(out_dir)
+    _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return out_dir
+
+
+def _atomic_save_dir(out_dir: Path, write: Callable[[Path], object]) -> None:
+    """Writes a directory through `write(tmp)` beside `out_dir`, then renames it into place (no half-written dir)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():  # another process built it meanwhile: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tiny_dir(config: TinyBackboneConfig, corpus: list[str]) -> Path:
+    key = hashlib.sha256(json.dumps([asdict(config), corpus]).encode()).hexdigest()[:16]
+    return cache_root() / "backbones" / f"tiny-{key}"
+
+
+def resolve_tiny(config: TinyBackboneConfig | None = None) -> Path:
+    """Returns the cache directory of the default tiny backbone, trained on the embedded task suite; builds it once."""
+    from memmcl.tasks.corpus import embedded_corpus
+
+    config = config or TinyBackboneConfig()
+    corpus = embedded_corpus()
+    path = _tiny_dir(config, corpus)
+    if not (path / "config.json").exists():
+        build_tiny_backbone(path, config, corpus)
+    return path
+
+
+# Registered backbone names -> a function that returns a local directory with model + tokenizer.
+BACKBONES: dict[str, Callable[[], Path]] = {"tiny": resolve_tiny}
+
+
+def resolve_backbone(name_or_path: str) -> str:
+    """Returns a local directory for a registered name or an existing path; any other string is returned as is."""
+    if name_or_path in BACKBONES:
+        return str(BACKBONES[name_or_path]())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BackboneError(f"{path}: expected a directory with a model (config.json) and a tokenizer, got a file")
+        if not (path / "config.json").exists():
+            raise BackboneError(f"{path}: no config.json; expected a directory written by `save_pretrained`")
+        return str(path)
+    # A hub name is `name` or `org/name`; anything else is a path that should have existed.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise BackboneError(
+            f"{name_or_path}: no such directory; expected a local model directory or one of {sorted(BACKBONES)}"
+        )
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, padding_side: Literal["left", "right"] = "left"):
+    """Returns the tokenizer of a backbone with a pad token set and the given padding side.
+
+    Scoring and training both pad on the left so that every sequence's answer ends at the last position and only
+    those last positions need the LM head.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_backbone(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # transformers raises OSError/ValueError/KeyError depending on what is missing
+        raise BackboneError(f"{source}: cannot build a tokenizer ({type(err).__name__}: {err})") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BackboneError(f"{source}: the tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_backbone(name_or_path: str, dtype: Dtype = "float32", padding_side: Literal["left", "right"] = "left"):
+    """Returns `(model, tokenizer)`: the causal LM and tokenizer for a registered name, local directory or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name_or_path, padding_side)
+    source = resolve_backbone(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto" if dtype == "auto" else _DTYPES[dtype])
+    except Exception as err:
+        raise BackboneError(f"{source}: cannot load a causal LM ({type(err).__name__}: {err})") from err
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

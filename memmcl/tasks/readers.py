@@ -1,0 +1,164 @@
+"""File formats our users have, each read into the same `Example` records: JSONL/JSON, CSV/TSV, SemEval-2014 ABSA XML,
+TweetEval-style folders. Every error names the file and line (or item / sentence id) and what was expected."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from memmcl.tasks.spec import FORMATS, Example, TaskError, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
+    """Returns an Example from one mapping row, checking text, label and aspect."""
+    if not isinstance(row, dict):
+        raise TaskError(f"{where}: expected an object with field '{spec.text_field}', got {type(row).__name__}")
+    text = row.get(spec.text_field)
+    if not isinstance(text, str) or not text.strip():
+        raise TaskError(f"{where}: field '{spec.text_field}' is missing or empty; expected non-empty text")
+    if spec.label_field not in row or row[spec.label_field] is None:
+        raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected one of {list(spec.labels)}")
+    label = str(row[spec.label_field]).strip()
+    if label not in spec.labels:
+        raise TaskError(f"{where}: label '{label}' is not one of {list(spec.labels)}")
+    aspect = None
+    if spec.aspect_field:
+        aspect = row.get(spec.aspect_field)
+        if not isinstance(aspect, str) or not aspect.strip():
+            raise TaskError(f"{where}: field '{spec.aspect_field}' is missing or empty; task '{spec.name}' needs an aspect")
+        aspect = aspect.strip()
+    ident = row.get(spec.id_field) if spec.id_field else None
+    return Example(id=str(ident) if ident is not None else default_id, text=text.strip(), label=spec.labels.index(label), aspect=aspect)
+
+
+def read_jsonl(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+            yield _record(spec, row, f"{path}:{lineno}", f"{spec.name}-{lineno}")
+
+
+def read_json(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(rows, list):
+        raise TaskError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield _record(spec, row, f"{path}: item {i}", f"{spec.name}-{i}")
+
+
+def _read_delimited(spec: TaskSpec, path: Path, delimiter: str) -> Iterator[Example]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None or spec.text_field not in reader.fieldnames:
+            raise TaskError(f"{path}:1: header {reader.fieldnames} has no column '{spec.text_field}'")
+        for row in reader:
+            yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
+
+
+def read_csv(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    return _read_delimited(spec, path, ",")
+
+
+def read_tsv(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    return _read_delimited(spec, path, "\t")
+
+
+def read_semeval_xml(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    """SemEval-2014 Task 4 XML: one example per aspect term (or category); `conflict` kept only if the spec says so."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        line, col = err.position
+        raise TaskError(f"{path}:{line}: malformed XML at column {col}") from err
+    tag, attr = ("aspectTerm", "term") if spec.semeval_unit == "term" else ("aspectCategory", "category")
+    for sentence in root.iter("sentence"):
+        sid = sentence.get("id", "?")
+        where = f"{path}: sentence id={sid}"
+        text_el = sentence.find("text")
+        text = text_el.text if text_el is not None else None
+        for k, unit in enumerate(sentence.iter(tag)):
+            polarity = unit.get("polarity")
+            if polarity == "conflict" and not spec.keep_conflict:
+                continue
+            row = {spec.text_field: text, spec.label_field: polarity, "aspect": unit.get(attr), spec.id_field or "id": f"{sid}-{k}"}
+            yield _record(spec, row, where, f"{sid}-{k}")
+
+
+_TWEETEVAL_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+
+
+def read_tweeteval(spec: TaskSpec, path: Path, split: str) -> Iterator[Example]:
+    """TweetEval folder: `{split}_text.txt`, `{split}_labels.txt` (integers) and `mapping.txt` (`0<TAB>name`)."""
+    prefix = _TWEETEVAL_SPLITS.get(split, split)
+    text_file, label_file, mapping_file = path / f"{prefix}_text.txt", path / f"{prefix}_labels.txt", path / "mapping.txt"
+    for f in (text_file, label_file, mapping_file):
+        if not f.exists():
+            raise TaskError(f"{f}: missing; a TweetEval folder needs {prefix}_text.txt, {prefix}_labels.txt and mapping.txt")
+    mapping = {}
+    for lineno, line in enumerate(mapping_file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise TaskError(f"{mapping_file}:{lineno}: expected '<id><TAB><label>', got {line!r}")
+            mapping[parts[0].strip()] = parts[1].strip()
+    texts = text_file.read_text(encoding="utf-8").splitlines()
+    labels = label_file.read_text(encoding="utf-8").splitlines()
+    if len(texts) != len(labels):
+        raise TaskError(f"{label_file}: {len(labels)} lines, but {text_file.name} has {len(texts)}; expected one label per text")
+    for lineno, (text, raw) in enumerate(zip(texts, labels, strict=True), 1):
+        if raw.strip() not in mapping:
+            raise TaskError(f"{label_file}:{lineno}: label id '{raw.strip()}' is not in mapping.txt {sorted(mapping)}")
+        row = {spec.text_field: text, spec.label_field: mapping[raw.strip()], spec.id_field or "id": f"{prefix}-{lineno}"}
+        yield _record(spec, row, f"{text_file}:{lineno}", f"{prefix}-{lineno}")
+
+
+READERS: dict[str, Callable[[TaskSpec, Path], Iterator[Example]]] = {
+    "jsonl": read_jsonl,
+    "json": read_json,
+    "csv": read_csv,
+    "tsv": read_tsv,
+    "semeval_xml": read_semeval_xml,
+}
+assert set(READERS) | {"tweeteval"} == set(FORMATS)
+
+
+def read_split(spec: TaskSpec, split: str) -> list[Example]:
+    """Returns all examples of one split; a missing file or an empty split is an error naming the file."""
+    path = spec.split_path(split)
+    if not path.exists():
+        raise TaskError(f"{path}: no such file for split '{split}' of task '{spec.name}' ({spec.source})")
+    examples = list(read_tweeteval(spec, path, split) if spec.format == "tweeteval" else READERS[spec.format](spec, path))
+    if not examples:
+        raise TaskError(f"{path}: split '{split}' of task '{spec.name}' is empty; expected at least one example")
+    return examples
+
+
+def find_leakage(train: list[Example], test: list[Example]) -> list[Example]:
+    """Returns the test examples whose (text, aspect) also stands in train, exactly."""
+    seen = {(e.text, e.aspect) for e in train}
+    return [e for e in test if (e.text, e.aspect) in seen]
+
+
+def read_task(spec: TaskSpec, splits: tuple[str, ...] = ("train", "validation", "test")) -> dict[str, list[Example]]:
+    """Returns every requested split that the spec names; train/test duplicates are logged with count and examples."""
+    data = {s: read_split(spec, s) for s in splits if s in spec.splits}
+    if "train" in data and "test" in data:
+        leaked = find_leakage(data["train"], data["test"])
+        if leaked:
+            first = "; ".join(repr(e.text[:60]) for e in leaked[:3])
+            log.warning("task '%s': %d test example(s) also stand in train, e.g. %s", spec.name, len(leaked), first)
+    return data
