@@ -153,12 +153,14 @@ def find_leakage(train: list[Example], test: list[Example]) -> list[Example]:
     return [e for e in test if (e.text, e.aspect) in seen]
 
 
-def read_task(spec: TaskSpec, splits: tuple[str, ...] = ("train", "validation", "test")) -> dict[str, list[Example]]:
-    """Returns every requested split that the spec names; train/test duplicates are logged with count and examples."""
+def read_task(spec: TaskSpec, splits: tuple[str, ...] = ("train", "validation", "test")) -> tuple[dict[str, list[Example]], int]:
+    """Returns every requested split that the spec names, and how many test examples also stand in train.
+
+    Such duplicates are logged with their count and first examples, so leakage is never silent.
+    """
     data = {s: read_split(spec, s) for s in splits if s in spec.splits}
-    if "train" in data and "test" in data:
-        leaked = find_leakage(data["train"], data["test"])
-        if leaked:
-            first = "; ".join(repr(e.text[:60]) for e in leaked[:3])
-            log.warning("task '%s': %d test example(s) also stand in train, e.g. %s", spec.name, len(leaked), first)
-    return data
+    leaked = find_leakage(data["train"], data["test"]) if "train" in data and "test" in data else []
+    if leaked:
+        first = "; ".join(repr(e.text[:60]) for e in leaked[:3])
+        log.warning("task '%s': %d test example(s) also stand in train, e.g. %s", spec.name, len(leaked), first)
+    return data, len(leaked)

@@ -75,7 +75,8 @@ class TaskSpec:
             "format": self.format,
             "fields": {"text": self.text_field, "label": self.label_field, "aspect": self.aspect_field, "id": self.id_field},
             "aspect_name": self.aspect_name,
-            "splits": dict(self.splits),
+            # Relative paths are resolved, so the mapping stays valid wherever it is saved.
+            "splits": {k: v if v.startswith(EMBEDDED_PREFIX) else str(self.split_path(k)) for k, v in self.splits.items()},
         }
         if self.format == "semeval_xml":
             out.update(semeval_unit=self.semeval_unit, keep_conflict=self.keep_conflict)

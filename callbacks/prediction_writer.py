@@ -1,0 +1,25 @@
+"""`PredictionWriter`: writes `predict` results as JSONL (task, id, gold, prediction, per-label scores)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from memmcl.experts.expert import write_jsonl_atomic
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Gathers every rank's prediction records and writes them once, sorted by (task, id), to `output` (atomically)."""
+
+    def __init__(self, output: str = "predictions.jsonl"):
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        records = [r for batch in predictions for r in batch]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if trainer.is_global_zero:
+            write_jsonl_atomic(self.output, sorted(records, key=lambda r: (r["task"], r["id"])))

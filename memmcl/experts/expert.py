@@ -1,0 +1,228 @@
+"""`LoRAExpert`: a frozen causal LM plus a peft LoRA adapter, instruction-tuned on answer tokens only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from memmcl.experts.backbone import Dtype, load_backbone
+from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.tasks.spec import TaskSpec, spec_from_dict
+
+# All attention and MLP projections of Llama/Qwen/Mistral-style models.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_FILE = "expert.yaml"
+
+
+class ExpertError(ValueError):
+    """A saved expert directory that cannot be loaded; the message names the path and what was expected."""
+
+
+class LabelScoringModule(L.LightningModule):
+    """Validation / test / predict by label scoring with per-task accuracy and macro-F1 (torchmetrics, DDP-correct).
+
+    Subclasses provide `self.model` (a causal LM) and `self.pad_id`; the task specs come from the datamodule.
+    """
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        specs: list[TaskSpec] = datamodule.specs
+        if getattr(self, "specs", None) == specs:
+            return
+        self.specs = specs
+        self.metrics = torch.nn.ModuleDict({
+            split: torch.nn.ModuleList([
+                MetricCollection({
+                    "acc": MulticlassAccuracy(s.n_classes, average="micro"),
+                    "f1": MulticlassF1Score(s.n_classes, average="macro"),
+                })
+                for s in specs
+            ])
+            for split in ("val", "test")
+        })
+
+    def predict_scores(self, batch: dict) -> torch.Tensor:
+        """Returns [B, max labels] answer log-likelihoods for a batch (the shared label scorer)."""
+        return score_labels(self.model, batch["prompt"], batch["answers"], self.pad_id).to(self.device)
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        scores = self.predict_scores(batch)
+        preds = scores.argmax(-1)
+        for t in batch["task"].unique().tolist():
+            rows = batch["task"] == t
+            self.metrics[split][t].update(preds[rows], batch["label"][rows])
+
+    def _eval_epoch_end(self, split: str) -> None:
+        accs = []
+        for spec, metric in zip(self.specs, self.metrics[split], strict=True):
+            if not metric["acc"].update_called:  # a task with no examples on any rank (e.g. a sanity check)
+                continue
+            values = metric.compute()
+            metric.reset()
+            self.log(f"{split}/{spec.name}/acc", values["acc"], rank_zero_only=True)
+            self.log(f"{split}/{spec.name}/f1", values["f1"], rank_zero_only=True)
+            accs.append(values["acc"])
+        if accs:
+            self.log(f"{split}/acc", torch.stack(accs).mean(), prog_bar=True, rank_zero_only=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        scores = self.predict_scores(batch)
+        records = []
+        for i in range(len(batch["id"])):
+            spec = self.specs[int(batch["task"][i])]
+            row = scores[i, : spec.n_classes]
+            records.append({
+                "task": spec.name,
+                "id": batch["id"][i],
+                "gold": spec.labels[int(batch["label"][i])],
+                "prediction": spec.labels[int(row.argmax())],
+                "scores": {label: float(v) for label, v in zip(spec.labels, row.tolist(), strict=True)},
+            })
+        return records
+
+
+class LoRAExpert(LabelScoringModule):
+    """A LoRA expert: backbone from the shared loader plus a peft LoRA adapter, trained on answer tokens only.
+
+    Args:
+        backbone: registered name (`tiny`), local HF model directory, or hub name already in the local cache.
+        dtype: weights' dtype when loading the backbone (use `bfloat16` with `--trainer.precision bf16-true` on GPU).
+        adapter: a saved expert directory to start from (its LoRA config overrides r/alpha/dropout/targets).
+        lora_r, lora_alpha, lora_dropout, target_modules: the LoRA adapter.
+        lr, weight_decay, warmup_steps: AdamW with linear warmup then cosine decay to 0.
+        gradient_checkpointing: non-reentrant, so it works under DDP.
+        export_dir: where `fit` writes the trained expert (peft adapter + task specs); default `<log_dir>/expert`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        dtype: Dtype = "float32",
+        adapter: str | None = None,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base, tokenizer = load_backbone(backbone, dtype)
+        self.pad_id = tokenizer.pad_token_id
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if adapter is not None:
+            check_expert_dir(adapter)
+            self.model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        else:
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
+                                target_modules=list(target_modules or DEFAULT_TARGETS), task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, config)
+        # Lightning checkpoints hold only the adapter; the frozen backbone is reloaded from `backbone`.
+        self.strict_loading = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = answer_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total // 2)
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return type(full)((k, v) for k, v in full.items() if k.removeprefix(prefix) in trainable)
+
+    def on_fit_end(self) -> None:
+        out = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "expert")
+        self.save_expert(out)
+
+    @rank_zero_only
+    def save_expert(self, out_dir: str | os.PathLike) -> Path:
+        """Writes the peft adapter and the task specs it was trained on into `out_dir` (atomically); returns it."""
+        from memmcl.experts.backbone import _atomic_save_dir
+
+        out_dir = Path(out_dir)
+        meta = {"backbone": self.hparams.backbone, "tasks": [s.to_dict() for s in self.specs]}
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            (tmp / EXPERT_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        _atomic_save_dir(out_dir, write)
+        return out_dir
+
+
+def check_expert_dir(path: str | os.PathLike) -> dict:
+    """Returns the expert.yaml of a saved expert directory; errors name the path and what was expected."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExpertError(f"{path}: no such expert directory; expected one written by LoRAExpert.save_expert")
+    for name in ("adapter_config.json", EXPERT_FILE):
+        if not (path / name).exists():
+            raise ExpertError(f"{path}: missing {name}; expected a peft adapter plus {EXPERT_FILE}")
+    return yaml.safe_load((path / EXPERT_FILE).read_text())
+
+
+def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[LoRAExpert, list[TaskSpec]]:
+    """Returns a saved expert (on its recorded backbone unless another is given) and the task specs it was trained on."""
+    meta = check_expert_dir(path)
+    expert = LoRAExpert(backbone=backbone or meta["backbone"], adapter=str(path))
+    expert.eval()
+    return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
+    """Writes records as JSONL through a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)

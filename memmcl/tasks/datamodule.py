@@ -1,0 +1,243 @@
+"""Tasks as LightningDataModules: tokenized splits, answer-only labels, difficulty metadata, a re-weightable sampler."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from memmcl.experts.backbone import load_tokenizer
+from memmcl.experts.scoring import left_pad
+from memmcl.tasks.metadata import TaskMetadata, compute_metadata
+from memmcl.tasks.prompts import answer_ids, build_prompt
+from memmcl.tasks.readers import read_task
+from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
+
+IGNORE_INDEX = -100
+
+
+def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int) -> list[dict]:
+    """Returns one item per example: its prompt ids, every label's answer ids, the gold label and identifiers."""
+    answers = [answer_ids(tokenizer, a) for a in spec.answers]
+    return [
+        {"task": task_index, "id": e.id, "label": e.label, "prompt": build_prompt(tokenizer, spec, e, max_length), "answers": answers}
+        for e in examples
+    ]
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Returns a left-padded batch of prompt + gold answer whose `labels` mask everything but the answer tokens.
+
+    Left padding puts every answer at the end, so only the last positions need the LM head. The raw prompt and
+    answer ids stay in the batch for label scoring.
+    """
+    input_ids, attention_mask = left_pad([it["prompt"] + it["answers"][it["label"]] for it in items], pad_id)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, it in enumerate(items):
+        n_answer = len(it["answers"][it["label"]])
+        labels[i, -n_answer:] = input_ids[i, -n_answer:]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "task": torch.tensor([it["task"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items]),
+        "id": [it["id"] for it in items],
+        "prompt": [it["prompt"] for it in items],
+        "answers": [it["answers"] for it in items],
+    }
+
+
+class EvalShardSampler(DistributedSampler):
+    """Shards evaluation data across ranks without the padding DistributedSampler adds, so no example counts twice."""
+
+    def __init__(self, dataset: Sequence, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TaskMixtureSampler(DistributedSampler):
+    """Samples a fixed number of training indices per epoch from several tasks in proportion to weight × task size.
+
+    With every weight 1 an epoch is one shuffled pass over all examples; weight 0 switches a task off. The weights
+    can change between epochs (the curriculum callback drives them). Deterministic in (seed, epoch, weights); every
+    rank computes the same global order and takes its own shard.
+    """
+
+    def __init__(self, task_sizes: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0, num_samples: int | None = None):
+        offsets = [0]
+        for n in task_sizes:
+            offsets.append(offsets[-1] + n)
+        super().__init__(range(offsets[-1]), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.task_sizes = list(task_sizes)
+        self.offsets = offsets
+        self.weights = [1.0] * len(task_sizes)
+        self.epoch_samples = num_samples or offsets[-1]
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        if len(weights) != len(self.task_sizes) or any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(f"task weights must be {len(self.task_sizes)} non-negative numbers, not all zero; got {list(weights)}")
+        self.weights = [float(w) for w in weights]
+
+    def global_order(self) -> list[int]:
+        """Returns this epoch's indices over all ranks, before sharding."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        mass = [w * n for w, n in zip(self.weights, self.task_sizes, strict=True)]
+        quotas = [math.floor(self.epoch_samples * m / sum(mass)) for m in mass]
+        for t in sorted(range(len(mass)), key=lambda t: -mass[t])[: self.epoch_samples - sum(quotas)]:
+            quotas[t] += 1 if mass[t] > 0 else 0
+        picked: list[int] = []
+        for t, quota in enumerate(quotas):
+            while quota > 0:
+                take = torch.randperm(self.task_sizes[t], generator=g)[:quota]
+                picked.extend((take + self.offsets[t]).tolist())
+                quota -= len(take)
+        return [picked[i] for i in torch.randperm(len(picked), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order()
+        per_rank = math.ceil(len(order) / self.num_replicas)
+        order += order[: per_rank * self.num_replicas - len(order)]
+        return iter(order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(self.epoch_samples / self.num_replicas)
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Several sentiment tasks, tokenized for one backbone; training samples tasks by re-weightable weights.
+
+    Args:
+        tasks: shipped task names (`sc_binary`) or paths to task spec YAML files.
+        backbone: the backbone whose tokenizer encodes prompts (a registered name, local directory or hub name).
+        max_length: prompt + answer tokens at most; longer inputs are cut, never instructions or answers.
+        batch_size: training batch size per device.
+        eval_batch_size: validation / test / predict batch size per device.
+        max_train_examples: keep only the first N training examples of each task (for smoke runs).
+        samples_per_epoch: training samples per epoch (default: all training examples once).
+        predict_split: the split `predict` runs over.
+        seed: sampling seed.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        backbone: str = "tiny",
+        max_length: int = 256,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_train_examples: int | None = None,
+        samples_per_epoch: int | None = None,
+        predict_split: str = "test",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not tasks:
+            raise TaskError("data.tasks is empty; expected at least one task name or spec path")
+        self.backbone, self.max_length, self.seed = backbone, max_length, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_train_examples, self.samples_per_epoch, self.predict_split = max_train_examples, samples_per_epoch, predict_split
+        self.specs = load_task_specs(list(tasks))
+        self.tokenizer = None
+        self.examples: dict[str, dict[str, list[Example]]] = {}
+        self.items: dict[str, list[dict]] = {}
+        self._metadata: dict[str, TaskMetadata] = {}
+        self._train_sampler: TaskMixtureSampler | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.items:
+            return
+        self.tokenizer = load_tokenizer(self.backbone, padding_side="left")
+        for t, spec in enumerate(self.specs):
+            splits, duplicates = read_task(spec)
+            if self.max_train_examples:
+                splits["train"] = splits["train"][: self.max_train_examples]
+            self.examples[spec.name] = splits
+            self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
+            for split, examples in splits.items():
+                self.items.setdefault(split, []).extend(encode_examples(self.tokenizer, spec, t, examples, self.max_length))
+
+    @property
+    def metadata(self) -> dict[str, TaskMetadata]:
+        """Returns each task's difficulty metadata (after `setup`)."""
+        if not self._metadata:
+            self.setup()
+        return self._metadata
+
+    def set_task_weights(self, weights: dict[str, float]) -> None:
+        """Sets per-task training sampling weights (by task name; missing tasks get 0) for the next epoch."""
+        unknown = set(weights) - set(self.task_names)
+        if unknown:
+            raise TaskError(f"task weights name unknown task(s) {sorted(unknown)}; tasks are {self.task_names}")
+        self._weights = [float(weights.get(n, 0.0)) for n in self.task_names]
+        if self._train_sampler is not None:
+            self._train_sampler.set_weights(self._weights)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
+        return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sizes = [len(self.examples[n]["train"]) for n in self.task_names]
+        self._train_sampler = TaskMixtureSampler(sizes, world, rank, self.seed, self.samples_per_epoch)
+        if getattr(self, "_weights", None):
+            self._train_sampler.set_weights(self._weights)
+        return self._loader(self.items["train"], self.batch_size, self._train_sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.items:
+            raise TaskError(f"split '{split}' is missing from task(s) {self.task_names}")
+        world, rank = self._world()
+        return self._loader(self.items[split], self.eval_batch_size, EvalShardSampler(self.items[split], world, rank))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_split)
+
+
+class TaskDataModule(MultiTaskDataModule):
+    """One sentiment task as a LightningDataModule (see `MultiTaskDataModule` for the arguments)."""
+
+    def __init__(
+        self,
+        task: str,
+        backbone: str = "tiny",
+        max_length: int = 256,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_train_examples: int | None = None,
+        predict_split: str = "test",
+        seed: int = 0,
+    ):
+        super().__init__([task], backbone, max_length, batch_size, eval_batch_size, num_workers, max_train_examples,
+                         None, predict_split, seed)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.specs[0]
