@@ -47,6 +47,12 @@ class TinyBackboneConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    # A frozen *random* network gives a LoRA adapter nothing stable to read (measured: the loss stalls above the
+    # label prior), so the tiny base is a real LM: a short causal-LM pretraining on the unlabelled corpus.
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
     seed: int = 0
 
 
@@ -78,7 +84,8 @@ def build_tiny_backbone(out_dir: str | Path, config: TinyBackboneConfig, corpus:
     """Builds a tiny Llama model and tokenizer from `config`, saves both with `save_pretrained`; returns `out_dir`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(corpus, config.vocab_size, config.max_position_embeddings)
+    texts = list(corpus)
+    tokenizer = train_tokenizer(texts, config.vocab_size, config.max_position_embeddings)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer),  # BPE on a small corpus can stop below the requested size
         hidden_size=config.hidden_size,
@@ -88,6 +95,7 @@ def build_tiny_backbone(out_dir: str | Path, config: TinyBackboneConfig, corpus:
         num_key_value_heads=config.num_key_value_heads,
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -95,9 +103,37 @@ def build_tiny_backbone(out_dir: str | Path, config: TinyBackboneConfig, corpus:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(model_config)
+        pretrain_causal_lm(model, tokenizer, texts, config)
     out_dir = Path(out_dir)
     _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return out_dir
+
+
+def pretrain_causal_lm(model, tokenizer, texts: list[str], config: TinyBackboneConfig) -> None:
+    """Trains `model` in place as a causal LM on `texts` for `config.pretrain_steps` steps (deterministic, CPU)."""
+    if config.pretrain_steps <= 0:
+        return
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    encoded = [[bos, *ids, eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = torch.randperm(len(encoded))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=config.pretrain_steps, pct_start=0.1)
+    model.train()
+    for step in range(config.pretrain_steps):
+        idx = [order[(step * config.pretrain_batch_size + k) % len(order)] for k in range(config.pretrain_batch_size)]
+        batch = [encoded[i][: config.max_position_embeddings] for i in idx]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
 
 
 def _atomic_save_dir(out_dir: Path, write: Callable[[Path], object]) -> None:

@@ -315,6 +315,7 @@ def generate_task(name: str, seed: int = 1234) -> dict[str, list[dict]]:
 
 def write_suite(data_dir: Path, spec_dir: Path, seed: int = 1234) -> None:
     """Writes every task's JSONL splits into `data_dir/<task>/` and its spec YAML into `spec_dir`."""
+    spec_dir.mkdir(parents=True, exist_ok=True)
     for name, (group, labels, instruction, _, aspect_name) in SUITE.items():
         (data_dir / name).mkdir(parents=True, exist_ok=True)
         for split, rows in generate_task(name, seed).items():

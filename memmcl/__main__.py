@@ -1,0 +1,3 @@
+from memmcl.cli import main
+
+main()
