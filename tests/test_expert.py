@@ -1,0 +1,103 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memmcl.experts.expert import ExpertError, LoRAExpert, load_expert
+from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.tasks.datamodule import TaskDataModule
+from memmcl.tasks.spec import load_task_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brute_force_scores(model, prompts, answers):
+    """Unbatched, unpadded, full-sequence logits: the reference the batched scorer must match."""
+    out = torch.full((len(prompts), max(map(len, answers))), float("-inf"))
+    with torch.no_grad():
+        for i, (prompt, labels) in enumerate(zip(prompts, answers, strict=True)):
+            for l, ans in enumerate(labels):
+                ids = torch.tensor([prompt + ans])
+                logp = F.log_softmax(model(ids).logits[0].float(), -1)
+                out[i, l] = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(ans))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expert(tiny_dir):
+    torch.manual_seed(0)
+    e = LoRAExpert(backbone=str(tiny_dir), lora_r=4)
+    for name, p in e.model.named_parameters():  # peft's B = 0 init would make the adapter a no-op
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return e.eval()
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dir):
+    dm = TaskDataModule("sc_5class", backbone=str(tiny_dir), max_length=128, eval_batch_size=16)
+    dm.setup()
+    return dm
+
+
+def test_answer_loss_counts_only_answer_tokens(expert, data):
+    batch = next(iter(data.val_dataloader()))
+    loss = answer_loss(expert.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref = []
+    with torch.no_grad():
+        for prompt, answers, label in zip(batch["prompt"], batch["answers"], batch["label"], strict=True):
+            ans = answers[label]
+            logits = expert.model(torch.tensor([prompt + ans])).logits[0]
+            ref.extend(F.cross_entropy(logits[len(prompt) - 1 + j][None], torch.tensor([t])) for j, t in enumerate(ans))
+    assert loss.item() == pytest.approx(torch.stack(ref).mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_scores_match_brute_force_at_any_batch_size(expert, data, multi_token):
+    items = data.items["validation"][:16]
+    prompts = [it["prompt"] for it in items]
+    answers = [it["answers"] for it in items]
+    if multi_token:  # different lengths per label exercise the (example, label) path
+        answers = [[a + a[:1] * l for l, a in enumerate(ans)] for ans in answers]
+    pad = data.tokenizer.pad_token_id
+    one = torch.cat([score_labels(expert.model, [p], [a], pad) for p, a in zip(prompts, answers, strict=True)])
+    sixteen = score_labels(expert.model, prompts, answers, pad, chunk_size=16 if not multi_token else 23)
+    assert torch.equal(one.argmax(-1), sixteen.argmax(-1))
+    torch.testing.assert_close(one, sixteen, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sixteen, brute_force_scores(expert.model, prompts, answers), atol=1e-4, rtol=1e-4)
+
+
+def test_saved_expert_reproduces_predictions(expert, data, tmp_path, tiny_dir):
+    expert.specs = data.specs
+    expert.save_expert(tmp_path / "expert")
+    again, specs = load_expert(tmp_path / "expert")
+    assert specs[0].labels == data.spec.labels and specs[0].answers == data.spec.answers
+    batch = next(iter(data.val_dataloader()))
+    torch.testing.assert_close(expert.predict_scores(batch), again.predict_scores(batch), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(expert.predict_scores(batch), LoRAExpert(backbone=str(tiny_dir)).eval().predict_scores(batch))
+    with pytest.raises(ExpertError, match="missing expert.yaml"):
+        (tmp_path / "expert" / "expert.yaml").unlink()
+        load_expert(tmp_path / "expert")
+
+
+def _validate(tmp_path, name, adapter, extra):
+    cmd = [sys.executable, "-m", "memmcl", "validate", "--config", str(ROOT / "configs/demo/expert.yaml"),
+           f"--model.init_args.adapter={adapter}", "--data.init_args.eval_batch_size=7", "--trainer.enable_progress_bar=false",
+           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           f"--trainer.logger.init_args.name={name}", *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    rows = list(csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv")))))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("val/") and v}
+
+
+def test_ddp_reports_the_same_metrics_as_one_process(expert, data, tmp_path, tiny_dir):
+    expert.specs = [load_task_spec("sc_binary")]
+    expert.save_expert(tmp_path / "adapter")
+    single = _validate(tmp_path, "one", tmp_path / "adapter", [])
+    ddp = _validate(tmp_path, "ddp", tmp_path / "adapter", ["--trainer.strategy=ddp", "--trainer.devices=2"])
+    assert set(single) == {"val/acc", "val/sc_binary/acc", "val/sc_binary/f1"}
+    assert single == pytest.approx(ddp, abs=1e-6)
