@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import random
+
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import embedded_task_names, load_task_spec
 
 
-def embedded_corpus() -> list[str]:
-    """Returns instructions, answer words, aspects and train/validation texts of every shipped task (never test)."""
+def embedded_corpus(seed: int = 0) -> list[str]:
+    """Returns the unlabelled pretraining text of the tiny backbone, from train and validation splits (never test).
+
+    Each input appears as plain text and once in the plain prompt format with an answer word drawn uniformly at
+    random from its task's answers: the base learns the answer *format* (as an instruction-tuned LLM knows it)
+    but no label, so its zero-shot accuracy stays at chance and experts have everything to learn.
+    """
+    from memmcl.tasks.prompts import prompt_body
+
+    rng = random.Random(seed)
     texts: list[str] = []
     for name in embedded_task_names():
         spec = load_task_spec(name)
-        texts.append(spec.instruction)
-        texts.extend(f"{spec.aspect_name}: Text: Answer: {a}" for a in spec.answers)
         for split in ("train", "validation"):
             for ex in read_split(spec, split):
                 texts.append(ex.text if ex.aspect is None else f"{ex.text} {ex.aspect}")
+                texts.append(f"{prompt_body(spec, ex.text, ex.aspect, [])} {rng.choice(spec.answers)}")
     return texts

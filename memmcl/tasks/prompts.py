@@ -28,8 +28,13 @@ def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_body(spec: TaskSpec, text: str, aspect: str | None, demos: list[Demonstration]) -> str:
+    """Returns the plain-format prompt text: instruction, demonstrations, then the input ending in `Answer:`."""
+    return "\n\n".join([spec.instruction, *(_block(spec, d.text, d.aspect, d.answer) for d in demos), _block(spec, text, aspect, None)])
+
+
 def _prompt_text(tokenizer, spec: TaskSpec, text: str, aspect: str | None, demos: list[Demonstration]) -> str:
-    body = "\n\n".join([spec.instruction, *(_block(spec, d.text, d.aspect, d.answer) for d in demos), _block(spec, text, aspect, None)])
+    body = prompt_body(spec, text, aspect, demos)
     if uses_chat_template(tokenizer):
         messages = [{"role": "user", "content": body.removesuffix("Answer:").rstrip() + "\nAnswer with one word."}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
