@@ -1,12 +1,17 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pathlib import Path
-
-from memmcl.experts.backbone import BackboneError, TinyBackboneConfig, build_tiny_backbone, load_backbone, load_tokenizer
+from memmcl.experts.backbone import (
+    BackboneError,
+    TinyBackboneConfig,
+    build_tiny_backbone,
+    load_backbone,
+    load_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["the food was good", "the service was bad", "Answer: positive negative neutral"] * 20

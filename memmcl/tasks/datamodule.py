@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import lightning as L
 import torch
