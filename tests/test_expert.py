@@ -101,3 +101,21 @@ def test_ddp_reports_the_same_metrics_as_one_process(expert, data, tmp_path, tin
     ddp = _validate(tmp_path, "ddp", tmp_path / "adapter", ["--trainer.strategy=ddp", "--trainer.devices=2"])
     assert set(single) == {"val/acc", "val/sc_binary/acc", "val/sc_binary/f1"}
     assert single == pytest.approx(ddp, abs=1e-6)
+
+
+def test_saving_over_an_expert_replaces_it_and_a_failed_save_keeps_the_old(expert, data, tmp_path, monkeypatch):
+    expert.specs = data.specs
+    out = tmp_path / "expert"
+    expert.save_expert(out)
+    (out / "stale.txt").write_text("from an older save")
+    expert.save_expert(out)
+    assert not (out / "stale.txt").exists() and (out / "adapter_config.json").exists()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(expert.model, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        expert.save_expert(out)
+    assert (out / "adapter_config.json").exists() and (out / "expert.yaml").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["expert"]  # no temporary directory left behind

@@ -105,7 +105,7 @@ def build_tiny_backbone(out_dir: str | Path, config: TinyBackboneConfig, corpus:
         model = LlamaForCausalLM(model_config)
         pretrain_causal_lm(model, tokenizer, texts, config)
     out_dir = Path(out_dir)
-    _atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    atomic_save_dir(out_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return out_dir
 
 
@@ -136,14 +136,24 @@ def pretrain_causal_lm(model, tokenizer, texts: list[str], config: TinyBackboneC
     model.eval()
 
 
-def _atomic_save_dir(out_dir: Path, write: Callable[[Path], object]) -> None:
-    """Writes a directory through `write(tmp)` beside `out_dir`, then renames it into place (no half-written dir)."""
+def atomic_save_dir(out_dir: Path, write: Callable[[Path], object], replace: bool = False) -> None:
+    """Writes a directory through `write(tmp)` beside `out_dir`, then renames it into place (no half-written dir).
+
+    If `out_dir` exists it is kept (another process built it) unless `replace`, in which case it is swapped out
+    only after the new directory is complete, so a failed write never loses the old one.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write(tmp)
-        if out_dir.exists():  # another process built it meanwhile: keep theirs
+        if out_dir.exists() and not replace:
             shutil.rmtree(tmp)
+            return
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
     except BaseException:

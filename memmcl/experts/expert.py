@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from memmcl.experts.backbone import Dtype, load_backbone
+from memmcl.experts.backbone import Dtype, atomic_save_dir, load_backbone
 from memmcl.experts.scoring import answer_loss, score_labels
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
 
@@ -181,8 +181,6 @@ class LoRAExpert(LabelScoringModule):
     @rank_zero_only
     def save_expert(self, out_dir: str | os.PathLike) -> Path:
         """Writes the peft adapter and the task specs it was trained on into `out_dir` (atomically); returns it."""
-        from memmcl.experts.backbone import _atomic_save_dir
-
         out_dir = Path(out_dir)
         meta = {"backbone": self.hparams.backbone, "tasks": [s.to_dict() for s in self.specs]}
 
@@ -190,11 +188,7 @@ class LoRAExpert(LabelScoringModule):
             self.model.save_pretrained(tmp)
             (tmp / EXPERT_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
 
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        _atomic_save_dir(out_dir, write)
+        atomic_save_dir(out_dir, write, replace=True)
         return out_dir
 
 
