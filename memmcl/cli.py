@@ -14,11 +14,38 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 # subcommand name -> the arguments (besides the trainer's own) that its MemmclTrainer method takes.
-EXTRA_SUBCOMMANDS: dict[str, set[str]] = {}
+EXTRA_SUBCOMMANDS: dict[str, set[str]] = {"merge": {"model", "datamodule"}}
 
 
 class MemmclTrainer(L.Trainer):
     """The Trainer the CLI builds; the method's own subcommands are typed methods here."""
+
+    def merge(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, resume: bool = False,
+              genome: str | None = None) -> None:
+        """Evolutionary merge of LoRA experts (model: `memmcl.merging.search.MergeSearch`).
+
+        Args:
+            resume: continue an interrupted search from its saved state (finished stages are reused).
+            genome: skip the search and apply a `best_genome.yaml` (then export and evaluate it).
+        """
+        from memmcl.merging.search import MergeSearch
+
+        if not isinstance(model, MergeSearch):
+            raise ValueError(f"memmcl merge needs model.class_path memmcl.merging.search.MergeSearch, got {type(model).__name__}")
+        self.merge_result = model.run(self, resume=resume, genome=genome)
+        if self.is_global_zero:
+            print(format_merge_summary(self.merge_result, model.out_dir))
+
+
+def format_merge_summary(record: dict, out_dir) -> str:
+    """A short text table: fitness per stage and, if evaluated, test accuracy of base / uniform / evolved merges."""
+    lines = [f"merge written to {out_dir} (best_genome.yaml, merged/)"]
+    for stage, r in record.get("stages", {}).items():
+        lines.append(f"  stage {stage:8s} weak-data fitness: uniform {r['uniform_fitness']:.4f} -> evolved {r['fitness']:.4f}")
+    for name, r in record.get("test", {}).items():
+        groups = "  ".join(f"{k.removeprefix('mean_acc_')} {v:.3f}" for k, v in r.items() if k.startswith("mean_acc_"))
+        lines.append(f"  test {name:16s} mean acc {r['mean_acc']:.3f}   {groups}")
+    return "\n".join(lines)
 
 
 class MemmclCLI(LightningCLI):

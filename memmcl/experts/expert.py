@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from memmcl.tasks.spec import TaskSpec, spec_from_dict
 # All attention and MLP projections of Llama/Qwen/Mistral-style models.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_FILE = "expert.yaml"
+SPLIT_NAMES = {"val": "validation", "test": "test"}
 
 
 class ExpertError(ValueError):
@@ -32,11 +33,17 @@ class LabelScoringModule(L.LightningModule):
     """Validation / test / predict by label scoring with per-task accuracy and macro-F1 (torchmetrics, DDP-correct).
 
     Subclasses provide `self.model` (a causal LM) and `self.pad_id`; the task specs come from the datamodule.
+    After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1"}, equal on every rank.
     """
+
+    log_eval_to_logger = True
+    results: dict[str, dict[str, dict[str, float]]]
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         specs: list[TaskSpec] = datamodule.specs
+        if not hasattr(self, "results"):
+            self.results = {}
         if getattr(self, "specs", None) == specs:
             return
         self.specs = specs
@@ -63,17 +70,25 @@ class LabelScoringModule(L.LightningModule):
             self.metrics[split][t].update(preds[rows], batch["label"][rows])
 
     def _eval_epoch_end(self, split: str) -> None:
-        accs = []
-        for spec, metric in zip(self.specs, self.metrics[split], strict=True):
-            if not metric["acc"].update_called:  # a task with no examples on any rank (e.g. a sanity check)
+        """Computes per-task accuracy / macro-F1 (synced across ranks), keeps them in `self.results[split]`, logs them."""
+        if self.trainer.sanity_checking:  # a partial pass: nothing to report
+            for metric in self.metrics[split]:
+                metric.reset()
+            return
+        present = {int(item["task"]) for item in self.trainer.datamodule.items.get(SPLIT_NAMES[split], [])}
+        results = {}
+        for t, (spec, metric) in enumerate(zip(self.specs, self.metrics[split], strict=True)):
+            if t not in present:  # decided from the whole split, so every rank computes (and syncs) the same tasks
                 continue
             values = metric.compute()
             metric.reset()
-            self.log(f"{split}/{spec.name}/acc", values["acc"], rank_zero_only=True)
-            self.log(f"{split}/{spec.name}/f1", values["f1"], rank_zero_only=True)
-            accs.append(values["acc"])
-        if accs:
-            self.log(f"{split}/acc", torch.stack(accs).mean(), prog_bar=True, rank_zero_only=True)
+            results[spec.name] = {k: float(v) for k, v in values.items()}
+            self.log(f"{split}/{spec.name}/acc", values["acc"], rank_zero_only=True, logger=self.log_eval_to_logger)
+            self.log(f"{split}/{spec.name}/f1", values["f1"], rank_zero_only=True, logger=self.log_eval_to_logger)
+        if results:
+            mean = sum(r["acc"] for r in results.values()) / len(results)
+            self.log(f"{split}/acc", mean, prog_bar=True, rank_zero_only=True, logger=self.log_eval_to_logger)
+        self.results[split] = results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -111,7 +126,7 @@ class LoRAExpert(LabelScoringModule):
         dtype: weights' dtype when loading the backbone (use `bfloat16` with `--trainer.precision bf16-true` on GPU).
         adapter: a saved expert directory to start from (its LoRA config overrides r/alpha/dropout/targets).
         lora_r, lora_alpha, lora_dropout, target_modules: the LoRA adapter.
-        lr, weight_decay, warmup_steps: AdamW with linear warmup then cosine decay to 0.
+        lr, weight_decay, warmup_steps: AdamW with linear warmup, then `lr_schedule`: cosine decay to 0, or constant.
         gradient_checkpointing: non-reentrant, so it works under DDP.
         export_dir: where `fit` writes the trained expert (peft adapter + task specs); default `<log_dir>/expert`.
     """
@@ -128,6 +143,7 @@ class LoRAExpert(LabelScoringModule):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
     ):
@@ -163,6 +179,8 @@ class LoRAExpert(LabelScoringModule):
         def lr_lambda(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if self.hparams.lr_schedule == "constant":
+                return 1.0
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

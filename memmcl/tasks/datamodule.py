@@ -168,7 +168,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             if self.max_train_examples:
                 splits["train"] = splits["train"][: self.max_train_examples]
             self.examples[spec.name] = splits
-            self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
+            if "train" in splits:  # a validation-only task (weak data) has no training metadata
+                self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
             for split, examples in splits.items():
                 self.items.setdefault(split, []).extend(encode_examples(self.tokenizer, spec, t, examples, self.max_length))
 

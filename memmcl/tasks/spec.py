@@ -161,9 +161,9 @@ def load_task_spec(name_or_path: str) -> TaskSpec:
     return spec_from_dict(data, source=str(path))
 
 
-def load_task_specs(names: list[str]) -> list[TaskSpec]:
-    """Returns the specs for several tasks; two tasks with one name is an error naming both sources."""
-    specs = [load_task_spec(n) for n in names]
+def load_task_specs(names: list[str | TaskSpec]) -> list[TaskSpec]:
+    """Returns the specs for several tasks (names, paths or specs); two tasks with one name is an error naming both sources."""
+    specs = [n if isinstance(n, TaskSpec) else load_task_spec(n) for n in names]
     seen: dict[str, TaskSpec] = {}
     for spec in specs:
         if spec.name in seen:

@@ -1,0 +1,269 @@
+"""Exact multi-LoRA merging by rescaling factors: W = W0 + Σ_t c_t · scale_t · B_t A_t.
+
+Every expert stays a pair of LoRA factors. Per target module the experts' factors are concatenated along the rank
+(A [R, in], B [out, R], R = Σ_t r_t) and one flat coefficient vector holds, for each rank column, the genome's
+weight of the column's expert (in the column's layer block) times that expert's LoRA scaling. So
+
+    y = W0 x + B · diag(coef) · A x  =  (W0 + Σ_t c_t scale_t B_t A_t) x
+
+exactly: no cross terms between experts, no SVD, no weight rebuild. Setting a genome writes the flat coefficient
+vector with one gather and one multiply (microseconds). `fold=True` instead writes W0 + B diag(coef) A into the
+weights once per genome (one rank-R GEMM per module), after which the forward costs exactly the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memmcl.merging.methods import MergeMethod, merge_deltas
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class MergeError(ValueError):
+    """Experts that cannot be merged, or a genome that does not fit them; the message names what was expected."""
+
+
+@dataclass
+class LoRAFactors:
+    """One expert's LoRA factors per module: `modules[name] = (A [r, in], B [out, r], scale)`."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key, value in patterns.items():  # peft matches pattern keys against the end of the module name
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def read_lora_factors(path: str | Path, name: str | None = None) -> LoRAFactors:
+    """Reads a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors) into factors."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / ADAPTER_WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.exists():
+            raise MergeError(f"{path}: missing {f.name}; expected a peft LoRA adapter saved with save_pretrained")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise MergeError(f"{config_file}: peft_type is {config.get('peft_type')!r}; expected 'LORA'")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if config.get(key):
+            raise MergeError(f"{config_file}: {key}=true is not supported by the exact rescaling merge")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise MergeError(f"{config_file}: only LoRA factors can be merged; expected bias 'none' and no modules_to_save")
+    tensors = load_file(str(weights_file))
+    modules = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+        if b_key not in tensors:
+            raise MergeError(f"{weights_file}: {key} has no matching lora_B")
+        b = tensors[b_key]
+        r = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = (a, b, float(scale))
+    if not modules:
+        raise MergeError(f"{weights_file}: no lora_A/lora_B weights found")
+    return LoRAFactors(name or path.name, modules)
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer plus the concatenated factors of every expert that targets it."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, owner: MultiLoRAModel, offset: int):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_a", a.to(base.weight), persistent=False)
+        self.register_buffer("lora_b", b.to(base.weight), persistent=False)
+        self.offset, self.rank = offset, a.shape[0]
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
+        self.register_buffer("w0", None, persistent=False)
+
+    def coef(self) -> torch.Tensor:
+        return self._owner[0].coef[self.offset : self.offset + self.rank]
+
+    def delta(self) -> torch.Tensor:
+        """Returns B · diag(coef) · A, this module's merged weight delta for the current genome."""
+        return (self.lora_b * self.coef().to(self.lora_b)) @ self.lora_a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self._owner[0].folded:
+            return y
+        return y + ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
+
+
+class MultiLoRAModel(nn.Module):
+    """A frozen causal LM with T LoRA experts as factors; `set_genome` picks the merge.
+
+    Args:
+        model: the base causal LM (its target linear layers are wrapped in place).
+        experts: the experts' factors (same base model).
+        n_blocks: layer blocks per expert in a genome (1: one weight per expert; L: one per expert and layer).
+    """
+
+    def __init__(self, model: nn.Module, experts: list[LoRAFactors], n_blocks: int = 1):
+        super().__init__()
+        if not experts:
+            raise MergeError("no experts to merge")
+        names = [e.name for e in experts]
+        if len(set(names)) != len(names):
+            raise MergeError(f"two experts share a name: {names}")
+        self.model = model.requires_grad_(False).eval()
+        self.expert_names, self.n_blocks = names, n_blocks
+        self.folded, self.method, self.density, self.method_seed = False, "linear", 0.5, 0
+        modules = dict(model.named_modules())
+        n_layers = 1 + max((int(m.group(1)) for n in modules if (m := _LAYER.search(n + "."))), default=0)
+        if not 1 <= n_blocks <= n_layers:
+            raise MergeError(f"n_blocks={n_blocks}: expected between 1 and the model's {n_layers} layers")
+        targets = sorted({n for e in experts for n in e.modules})
+        flat_block_expert, flat_scale, offset = [], [], 0
+        self.wrapped: dict[str, MultiLoRALinear] = {}
+        self.module_block: dict[str, int] = {}
+        self.module_experts: dict[str, list[int]] = {}
+        for name in targets:
+            base = modules.get(name)
+            if not isinstance(base, nn.Linear):
+                raise MergeError(f"expert module '{name}' is not a linear layer of the base model; wrong backbone?")
+            layer = _LAYER.search(name + ".")
+            block = (int(layer.group(1)) * n_blocks // n_layers) if layer else 0
+            a_parts, b_parts, users = [], [], []
+            for t, e in enumerate(experts):
+                if name not in e.modules:
+                    continue
+                a, b, scale = e.modules[name]
+                if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+                    raise MergeError(f"expert '{e.name}', module '{name}': factor shapes {tuple(a.shape)}/{tuple(b.shape)} "
+                                     f"do not fit a {base.in_features}->{base.out_features} layer; wrong backbone?")
+                a_parts.append(a), b_parts.append(b), users.append(t)
+                flat_block_expert += [block * len(experts) + t] * a.shape[0]
+                flat_scale += [scale] * a.shape[0]
+            wrapper = MultiLoRALinear(base, torch.cat(a_parts), torch.cat(b_parts, dim=1), self, offset)
+            offset += wrapper.rank
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, wrapper)
+            self.wrapped[name], self.module_block[name], self.module_experts[name] = wrapper, block, users
+        self.register_buffer("index", torch.tensor(flat_block_expert, dtype=torch.long), persistent=False)
+        self.register_buffer("scale", torch.tensor(flat_scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("coef", torch.zeros(offset, dtype=torch.float32), persistent=False)
+        self.register_buffer("genome", torch.zeros(n_blocks, len(experts)), persistent=False)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def as_blocks(self, genome) -> torch.Tensor:
+        """Returns a genome as a [n_blocks, T] coefficient matrix (a [T] genome is shared by every block)."""
+        g = torch.as_tensor(genome, dtype=torch.float32).to(self.coef.device)
+        if g.dim() == 1:
+            g = g.expand(self.n_blocks, -1)
+        if tuple(g.shape) != (self.n_blocks, self.n_experts):
+            raise MergeError(f"genome of shape {tuple(g.shape)}: expected ({self.n_experts},) or "
+                             f"({self.n_blocks}, {self.n_experts}) for experts {self.expert_names}")
+        return g
+
+    @torch.no_grad()
+    def set_genome(self, genome, fold: bool = False, method: MergeMethod = "linear", density: float = 0.5, seed: int = 0) -> None:
+        """Sets the merge coefficients: a [T] vector or a [n_blocks, T] matrix of expert weights.
+
+        `linear` without `fold` only rewrites the coefficient vector. `fold` writes the merged weights into the layers
+        (same result, base-model forward cost). TIES / DARE need materialized deltas, so they always fold.
+        """
+        g = self.as_blocks(genome)
+        self.genome.copy_(g)
+        torch.mul(g.flatten()[self.index], self.scale, out=self.coef)
+        self.method, self.density, self.method_seed = method, density, seed
+        if method != "linear":
+            fold = True
+        if fold:
+            for name, m in self.wrapped.items():
+                if m.w0 is None:
+                    m.w0 = m.base.weight.detach().clone()
+                m.base.weight.copy_(m.w0 + self.merged_delta(name))
+        elif self.folded:
+            for m in self.wrapped.values():
+                m.base.weight.copy_(m.w0)
+        self.folded = fold
+
+    def expert_deltas(self, name: str) -> torch.Tensor:
+        """Returns the stack [T_m, out, in] of scale_t · B_t A_t of the experts that target module `name`."""
+        m = self.wrapped[name]
+        parts, start = [], 0
+        for t in self.module_experts[name]:
+            cols = slice(start, start + int((self.index[m.offset : m.offset + m.rank] % self.n_experts == t).sum()))
+            s = self.scale[m.offset + cols.start : m.offset + cols.stop]
+            parts.append((m.lora_b[:, cols] * s.to(m.lora_b)) @ m.lora_a[cols])
+            start = cols.stop
+        return torch.stack(parts)
+
+    def merged_delta(self, name: str) -> torch.Tensor:
+        """Returns module `name`'s merged weight delta under the current genome and merge method."""
+        m = self.wrapped[name]
+        if self.method == "linear":
+            return m.delta()
+        weights = self.genome[self.module_block[name], self.module_experts[name]]
+        generator = torch.Generator(device=m.lora_a.device).manual_seed(self.method_seed + m.offset)
+        return merge_deltas(self.method, self.expert_deltas(name), weights, self.density, generator)
+
+    @torch.no_grad()
+    def save_adapter(self, out_dir: str | Path, base_name_or_path: str = "") -> Path:
+        """Writes the current linear merge as one peft LoRA adapter, ranks concatenated (exact): scaling 1 and
+        B's columns pre-multiplied by their coefficients. Other methods have no low-rank form: use `save_model`."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        if self.method != "linear":
+            raise MergeError(f"merge method '{self.method}' has no exact low-rank form; export it with save_model")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ranks = {name: m.rank for name, m in self.wrapped.items()}
+        r = max(ranks.values())
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), lora_dropout=0.0, bias="none",
+                            rank_pattern={n: k for n, k in ranks.items() if k != r},
+                            alpha_pattern={n: k for n, k in ranks.items() if k != r},
+                            task_type="CAUSAL_LM", base_model_name_or_path=base_name_or_path)
+        tensors = {}
+        for name, m in self.wrapped.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (m.lora_b * m.coef().to(m.lora_b)).contiguous().cpu()
+        config.save_pretrained(str(out_dir))
+        save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
+        return out_dir
+
+    @torch.no_grad()
+    def save_model(self, out_dir: str | Path, tokenizer=None) -> Path:
+        """Writes the merged model (W0 + merged deltas in the weights) as a plain HF checkpoint."""
+        import copy
+
+        was_folded = self.folded
+        self.set_genome(self.genome, fold=True, method=self.method, density=self.density, seed=self.method_seed)
+        plain = copy.deepcopy(self.model)
+        for name in self.wrapped:
+            parent, _, child = name.rpartition(".")
+            holder = plain.get_submodule(parent) if parent else plain
+            setattr(holder, child, getattr(holder, child).base)
+        plain.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+        if not was_folded and self.method == "linear":
+            self.set_genome(self.genome)
+        return Path(out_dir)

@@ -1,0 +1,478 @@
+"""`MergeSearch`: evolutionary merging of LoRA experts (MEM), fitness from `Trainer.validate` on weak data.
+
+Stages, as in the method:
+1. inside each group (SC, ABSA, MAST), a genome weights that group's experts; fitness = mean accuracy on the
+   group's weak data;
+2. a genome weights the group merges; fitness = mean accuracy on the union of weak data.
+Every stage's members are coefficient matrices over all experts, so the final model is still
+base + Σ_t c_t ΔLoRA_t and exports like any genome. DEAP proposes genomes (CMA-ES, or a GA); each genome's fitness
+is one `Trainer.validate` call on this module. Under DDP each rank scores a shard and torchmetrics reduces, so all
+ranks see the same fitness and, with the same seed, the same genomes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import random
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from memmcl.experts.backbone import Dtype, atomic_save_dir, load_backbone
+from memmcl.experts.expert import EXPERT_FILE, LabelScoringModule, check_expert_dir, write_jsonl_atomic
+from memmcl.merging.methods import MergeMethod
+from memmcl.merging.multilora import MergeError, MultiLoRAModel, read_lora_factors
+from memmcl.merging.weak import check_no_test_content, select_weak, weak_spec
+from memmcl.tasks.datamodule import MultiTaskDataModule
+from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
+
+log = logging.getLogger(__name__)
+GENOME_FILE = "best_genome.yaml"
+
+
+def _creator():
+    from deap import base, creator
+
+    if not hasattr(creator, "MemmclFitness"):  # creating twice warns
+        creator.create("MemmclFitness", base.Fitness, weights=(1.0,))
+        creator.create("MemmclIndividual", list, fitness=creator.MemmclFitness)
+    return creator
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class MergeSearch(LabelScoringModule):
+    """Evolutionary merge of saved LoRA experts. Run it with `memmcl merge --config configs/demo/merge.yaml`.
+
+    Args:
+        experts: expert directories (written by `LoRAExpert`); each expert's name is its task's.
+        out_dir: where weak data, stage states and results go.
+        backbone: the base model (default: the one recorded in the experts).
+        algorithm: `cmaes` (DEAP CMA-ES) or `ga` (DEAP genetic algorithm).
+        population, generations, sigma, seed: the search budget and its randomness.
+        bounds: each genome value is clipped to [low, high] before it is evaluated.
+        blocks: layer blocks per member (1: one weight per member; n: one per member and block of layers).
+        method: how expert deltas combine (`linear` is exact rescaling; `ties`/`dare_*` fold materialized deltas).
+        density: TIES / DARE density.
+        fold: write each linear genome into the weights (fitness then runs at base-model speed).
+        task_weights: fitness = Σ w_task · acc_task / Σ w_task (default 1 per task).
+        groups: override the expert → group assignment (`{SC: [sc_binary, ...], ...}`).
+        max_weak_examples: cap per task (seeded sample) to bound fitness cost.
+        fallback_examples: weak data of an expert that gets all training data right (seeded training sample).
+        on_test_overlap: `error` (default) or `drop` weak examples whose content equals a test example's.
+        evaluate_test: after the search, score base / uniform / group / global merges on the test splits.
+    """
+
+    log_eval_to_logger = False
+
+    def __init__(
+        self,
+        experts: list[str],
+        out_dir: str = "runs/merge",
+        backbone: str | None = None,
+        dtype: Dtype = "float32",
+        algorithm: Literal["cmaes", "ga"] = "cmaes",
+        population: int = 8,
+        generations: int = 10,
+        sigma: float = 0.3,
+        bounds: tuple[float, float] = (0.0, 2.0),
+        blocks: int = 1,
+        seed: int = 0,
+        method: MergeMethod = "linear",
+        density: float = 0.5,
+        fold: bool = True,
+        task_weights: dict[str, float] | None = None,
+        groups: dict[str, list[str]] | None = None,
+        max_length: int = 256,
+        eval_batch_size: int = 32,
+        max_weak_examples: int | None = None,
+        fallback_examples: int = 32,
+        on_test_overlap: Literal["error", "drop"] = "error",
+        evaluate_test: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not experts:
+            raise MergeError("model.init_args.experts is empty; expected expert directories")
+        if population < 2 or generations < 1:
+            raise MergeError(f"population={population}, generations={generations}: expected population >= 2, generations >= 1")
+        self.expert_dirs = [Path(p) for p in experts]
+        self.expert_specs: list[TaskSpec] = []
+        backbones = set()
+        for path in self.expert_dirs:
+            meta = check_expert_dir(path)
+            tasks = [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
+            if len(tasks) != 1:
+                raise MergeError(f"{path}: an expert for {len(tasks)} tasks; MergeSearch merges single-task experts")
+            self.expert_specs.append(tasks[0])
+            backbones.add(meta["backbone"])
+        if backbone is None and len(backbones) > 1:
+            raise MergeError(f"experts were trained on different backbones {sorted(backbones)}; set model.init_args.backbone")
+        self.backbone = backbone or backbones.pop()
+        self.names = [s.name for s in self.expert_specs]
+        if len(set(self.names)) != len(self.names):
+            raise MergeError(f"two experts are for the same task: {self.names}")
+        self.groups = self._group_members(groups)
+        base, self.tokenizer = load_backbone(self.backbone, dtype)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
+        self.out_dir = Path(out_dir)
+        self.strict_loading = False
+
+    def _group_members(self, groups: dict[str, list[str]] | None) -> dict[str, list[int]]:
+        if groups is None:
+            out = {g: [t for t, s in enumerate(self.expert_specs) if s.group == g] for g in GROUPS}
+            return {g: m for g, m in out.items() if m}
+        out = {}
+        for g, names in groups.items():
+            unknown = set(names) - set(self.names)
+            if unknown:
+                raise MergeError(f"model.init_args.groups.{g} names unknown expert(s) {sorted(unknown)}; experts: {self.names}")
+            out[g] = [self.names.index(n) for n in names]
+        return out
+
+    def state_dict(self, *args, **kwargs):  # nothing to checkpoint: experts are files, the search state is its own
+        return {}
+
+    # ---- fitness -----------------------------------------------------------------------------------------------
+
+    def _datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
+        return MultiTaskDataModule(specs, backbone=self.backbone, max_length=self.hparams.max_length,
+                                   eval_batch_size=self.hparams.eval_batch_size, predict_split=predict_split)
+
+    def set_coefficients(self, coef: torch.Tensor) -> None:
+        h = self.hparams
+        self.model.set_genome(coef, fold=h.fold, method=h.method, density=h.density, seed=h.seed)
+
+    def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
+        """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split."""
+        self.set_coefficients(coef)
+        bar = trainer.progress_bar_callback
+        enabled = bar is not None and bar.is_enabled
+        if enabled:
+            bar.disable()
+        try:
+            if split == "val":
+                trainer.validate(self, datamodule=datamodule, verbose=False)
+            else:
+                trainer.test(self, datamodule=datamodule, verbose=False)
+        finally:
+            if enabled:
+                bar.enable()
+        return self.results[split]
+
+    def fitness(self, results: dict) -> float:
+        weights = self.hparams.task_weights or {}
+        total = sum(weights.get(t, 1.0) for t in results)
+        return sum(weights.get(t, 1.0) * r["acc"] for t, r in results.items()) / total
+
+    # ---- weak data ---------------------------------------------------------------------------------------------
+
+    def mine_weak_data(self, trainer: L.Trainer) -> list[TaskSpec]:
+        """Writes each expert's weak data (its mispredicted training examples) unless already there for the same
+        expert weights; returns the weak-data specs in expert order."""
+        weak_dir = self.out_dir / "weak"
+        summary_path = weak_dir / "summary.yaml"
+        summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
+        specs = []
+        for t, (spec, path) in enumerate(zip(self.expert_specs, self.expert_dirs, strict=True)):
+            out = weak_dir / f"{spec.name}.jsonl"
+            fingerprint = _sha(path / "adapter_model.safetensors")
+            key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
+                   "fallback_examples": self.hparams.fallback_examples}
+            if not (out.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
+                onehot = torch.zeros(self.model.n_experts)
+                onehot[t] = 1.0
+                self.set_coefficients(onehot)
+                dm = self._datamodule([spec], predict_split="train")
+                records = [r for batch in trainer.predict(self, datamodule=dm) for r in batch]
+                if dist.is_available() and dist.is_initialized():
+                    gathered = [None] * dist.get_world_size()
+                    dist.all_gather_object(gathered, records)
+                    records = [r for part in gathered for r in part]
+                rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.fallback_examples,
+                                         self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap)
+                summary[spec.name] = {**key, **info}
+                if trainer.is_global_zero:
+                    write_jsonl_atomic(out, rows)
+                    _atomic_write(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
+                trainer.strategy.barrier()
+                log.info("weak data of '%s': %d of %d training examples%s", spec.name, info["weak"], info["train"],
+                         " (fallback sample)" if info["fallback"] else "")
+            check_no_test_content(spec, out)
+            specs.append(weak_spec(spec, out))
+        return specs
+
+    # ---- the search --------------------------------------------------------------------------------------------
+
+    def _coefficients(self, genome: list[float], basis: torch.Tensor) -> torch.Tensor:
+        """Maps a flat genome (blocks × members) through the members' coefficient matrices [M, blocks, T]."""
+        low, high = self.hparams.bounds
+        x = torch.tensor(genome, dtype=torch.float32).clamp(low, high).view(self.hparams.blocks, basis.shape[0])
+        return torch.einsum("bm,mbt->bt", x, basis)
+
+    def search_stage(self, trainer: L.Trainer, stage: str, basis: torch.Tensor, member_names: list[str],
+                     weak: list[TaskSpec], resume: bool) -> dict:
+        """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task}."""
+        from deap import cma
+
+        h = self.hparams
+        creator = _creator()
+        stage_dir = self.out_dir / "stages" / stage
+        state_path = stage_dir / "state.pkl"
+        result_path = stage_dir / "result.yaml"
+        if resume and result_path.exists():
+            log.info("stage %s: done before, reusing %s", stage, result_path)
+            return yaml.safe_load(result_path.read_text())
+        dm = self._datamodule(weak)
+        n_members = basis.shape[0]
+        dim = n_members * h.blocks
+        centroid = [1.0 / n_members] * dim  # the uniform merge of the members
+        if resume and state_path.exists():
+            state = pickle.loads(state_path.read_bytes())
+            log.info("stage %s: resuming after generation %d", stage, state["generation"])
+        else:
+            np.random.seed(h.seed)  # DEAP's CMA-ES draws from numpy's global RNG
+            state = {"generation": 0, "cache": {}, "best": None, "history": [], "np_rng": None,
+                     "py_rng": random.Random(h.seed).getstate(), "population": None,
+                     "strategy": cma.Strategy(centroid=centroid, sigma=h.sigma, lambda_=h.population) if h.algorithm == "cmaes" else None}
+        if state["np_rng"] is not None:
+            np.random.set_state(state["np_rng"])
+        py_rng = random.Random()
+        py_rng.setstate(state["py_rng"])
+        cache: dict[tuple, dict] = state["cache"]
+
+        def score(genome) -> float:
+            low, high = h.bounds
+            key = tuple(round(min(max(v, low), high), 8) for v in genome)
+            if key not in cache:  # identical genomes are evaluated once
+                cache[key] = self.evaluate(trainer, self._coefficients(list(genome), basis), dm)
+            return self.fitness(cache[key])
+
+        uniform = score(centroid)
+        progress = None
+        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=h.generations, initial=state["generation"], desc=f"merge {stage}", unit="gen")
+        while state["generation"] < h.generations:
+            if h.algorithm == "cmaes":
+                population = state["strategy"].generate(creator.MemmclIndividual)
+            else:
+                population = self._ga_offspring(state, py_rng, centroid, creator)
+            for ind in population:
+                ind.fitness.values = (score(ind),)
+            if h.algorithm == "cmaes":
+                state["strategy"].update(population)
+            else:
+                state["population"] = [(list(ind), ind.fitness.values[0]) for ind in population]
+            best_now = max(population, key=lambda ind: ind.fitness.values[0])
+            if state["best"] is None or best_now.fitness.values[0] > state["best"][1]:
+                state["best"] = (list(best_now), best_now.fitness.values[0])
+            if state["generation"] == 0 and uniform > state["best"][1]:
+                state["best"] = (list(centroid), uniform)
+            fits = [ind.fitness.values[0] for ind in population]
+            state["generation"] += 1
+            state["history"].append({"generation": state["generation"], "best": state["best"][1],
+                                     "mean": float(np.mean(fits)), "max": max(fits), "evaluated": len(cache)})
+            state["np_rng"], state["py_rng"] = np.random.get_state(), py_rng.getstate()
+            self._log_generation(trainer, stage, state, member_names, basis)
+            if trainer.is_global_zero:
+                _atomic_write(state_path, pickle.dumps(state))
+            trainer.strategy.barrier()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(best=f"{state['best'][1]:.4f}")
+            self._after_generation(stage, state["generation"])
+        if progress is not None:
+            progress.close()
+        genome, fit = state["best"]
+        coef = self._coefficients(genome, basis)
+        low, high = h.bounds
+        result = {
+            "stage": stage,
+            "members": member_names,
+            "genome": [round(min(max(v, low), high), 8) for v in genome],
+            "fitness": float(fit),
+            "uniform_fitness": float(uniform),
+            "per_task": cache[tuple(round(min(max(v, low), high), 8) for v in genome)],
+            "coefficients": {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(self.names)},
+            "history": state["history"],
+        }
+        if trainer.is_global_zero:
+            _atomic_write(result_path, yaml.safe_dump(result, sort_keys=False).encode())
+        trainer.strategy.barrier()
+        return result
+
+    def _ga_offspring(self, state, rng: random.Random, centroid, creator) -> list:
+        """One generation of a (mu + lambda) GA: blend crossover and Gaussian mutation (DEAP operators)."""
+        from deap import tools
+
+        h = self.hparams
+        if state["population"] is None:
+            return [creator.MemmclIndividual([c + rng.gauss(0, h.sigma) for c in centroid]) for _ in range(h.population)]
+        parents = []
+        for genome, fit in state["population"]:
+            ind = creator.MemmclIndividual(genome)
+            ind.fitness.values = (fit,)
+            parents.append(ind)
+        saved = random.getstate()  # DEAP's operators draw from the `random` module: run them on our own stream
+        random.setstate(rng.getstate())
+        try:
+            chosen = tools.selTournament(parents, h.population, tournsize=3)
+            children = [creator.MemmclIndividual(list(c)) for c in chosen]
+            for a, b in zip(children[::2], children[1::2], strict=False):
+                if random.random() < 0.5:
+                    tools.cxBlend(a, b, alpha=0.3)
+            for c in children:
+                tools.mutGaussian(c, mu=0.0, sigma=h.sigma, indpb=0.5)
+            elite = max(parents, key=lambda ind: ind.fitness.values[0])
+            children[0] = creator.MemmclIndividual(list(elite))
+            rng.setstate(random.getstate())
+        finally:
+            random.setstate(saved)
+        return children
+
+    def _after_generation(self, stage: str, generation: int) -> None:
+        """Hook after each generation's state is saved (tests stop a search here to check resume)."""
+
+    def _log_generation(self, trainer, stage, state, member_names, basis) -> None:
+        logger = trainer.logger
+        if logger is None:
+            return
+        step = state["generation"]
+        genome, fit = state["best"]
+        low, high = self.hparams.bounds
+        metrics = {f"merge/{stage}/best_fitness": fit, f"merge/{stage}/mean_fitness": state["history"][-1]["mean"]}
+        per_task = state["cache"][tuple(round(min(max(v, low), high), 8) for v in genome)]
+        metrics.update({f"merge/{stage}/best_acc/{t}": r["acc"] for t, r in per_task.items()})
+        x = torch.tensor(genome).clamp(low, high).view(self.hparams.blocks, len(member_names))
+        for b in range(self.hparams.blocks):
+            for m, name in enumerate(member_names):
+                suffix = f"/block{b}" if self.hparams.blocks > 1 else ""
+                metrics[f"merge/{stage}/weight/{name}{suffix}"] = float(x[b, m])
+        logger.log_metrics(metrics, step=step)
+
+    # ---- the whole merge ---------------------------------------------------------------------------------------
+
+    def run(self, trainer: L.Trainer, resume: bool = False, genome: str | None = None) -> dict:
+        """Weak data → a search per group → a search over the group merges → export (→ test evaluation)."""
+        if not resume and genome is None and trainer.is_global_zero and (self.out_dir / "stages").exists():
+            import shutil
+
+            shutil.rmtree(self.out_dir / "stages")
+        if genome is not None:
+            coef, record = self.load_genome(genome), yaml.safe_load(Path(genome).read_text())
+        else:
+            weak = self.mine_weak_data(trainer)
+            T = self.model.n_experts
+            stages = {}
+            group_coef = {}
+            for g, members in self.groups.items():
+                basis = torch.zeros(len(members), self.hparams.blocks, T)
+                for m, t in enumerate(members):
+                    basis[m, :, t] = 1.0
+                stages[g] = self.search_stage(trainer, g, basis, [self.names[t] for t in members],
+                                              [weak[t] for t in members], resume)
+                group_coef[g] = torch.tensor([stages[g]["coefficients"][n] for n in self.names]).T  # [blocks, T]
+            if len(self.groups) > 1:
+                basis = torch.stack([group_coef[g] for g in self.groups])
+                stages["global"] = self.search_stage(trainer, "global", basis, list(self.groups), weak, resume)
+                final = stages["global"]
+            else:
+                final = stages[next(iter(self.groups))]
+            coef = torch.tensor([final["coefficients"][n] for n in self.names]).T
+            record = {
+                "backbone": self.backbone,
+                "experts": {n: str(p.resolve()) for n, p in zip(self.names, self.expert_dirs, strict=True)},
+                "blocks": self.hparams.blocks,
+                "method": self.hparams.method,
+                "density": self.hparams.density,
+                "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
+                "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
+                           for s, r in stages.items()},
+                "coefficients": {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(self.names)},
+            }
+            if trainer.is_global_zero:
+                _atomic_write(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
+        self.set_coefficients(coef)
+        if trainer.is_global_zero:
+            self.export(self.out_dir / "merged")
+        trainer.strategy.barrier()
+        if self.hparams.evaluate_test:
+            record["test"] = self.evaluate_test(trainer, record)
+        self.summary = record
+        return record
+
+    def load_genome(self, path: str | Path) -> torch.Tensor:
+        """Returns the [blocks, T] coefficients of a `best_genome.yaml`, checked against these experts."""
+        path = Path(path)
+        if not path.exists():
+            raise MergeError(f"{path}: no such genome file; expected a best_genome.yaml written by memmcl merge")
+        data = yaml.safe_load(path.read_text())
+        coefs = (data or {}).get("coefficients")
+        if not isinstance(coefs, dict):
+            raise MergeError(f"{path}: field 'coefficients' (expert name -> list of per-block weights) is missing")
+        missing = set(self.names) - set(coefs)
+        if missing:
+            raise MergeError(f"{path}: field 'coefficients' lacks expert(s) {sorted(missing)}; experts: {self.names}")
+        values = [coefs[n] if isinstance(coefs[n], list) else [coefs[n]] for n in self.names]
+        if any(len(v) != self.hparams.blocks for v in values):
+            raise MergeError(f"{path}: every coefficient list needs {self.hparams.blocks} value(s) (blocks)")
+        return torch.tensor(values, dtype=torch.float32).T
+
+    def export(self, out_dir: Path) -> Path:
+        """Writes the current merge: a peft adapter loadable as an expert (linear), else a full HF model."""
+        meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs]}
+
+        def write(tmp: Path) -> None:
+            if self.hparams.method == "linear":
+                self.model.save_adapter(tmp, base_name_or_path=self.backbone)
+                (tmp / EXPERT_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+            else:
+                self.model.save_model(tmp, self.tokenizer)
+
+        atomic_save_dir(out_dir, write, replace=True)
+        return out_dir
+
+    def evaluate_test(self, trainer: L.Trainer, record: dict) -> dict:
+        """Test-split accuracy of base, uniform, each stage's merge and the final merge (reporting only: never fitness)."""
+        T = self.model.n_experts
+        dm = self._datamodule(list(self.expert_specs))
+        candidates = {"base": torch.zeros(self.hparams.blocks, T),
+                      "uniform": torch.full((self.hparams.blocks, T), 1.0 / T)}
+        for g, members in self.groups.items():
+            u = torch.zeros(self.hparams.blocks, T)
+            u[:, members] = 1.0 / len(members)
+            candidates[f"uniform_{g}"] = u
+        for stage, r in record.get("stages", {}).items():
+            candidates[f"evolved_{stage}"] = torch.tensor([r["coefficients"][n] for n in self.names]).T
+        candidates["final"] = torch.tensor([record["coefficients"][n] for n in self.names]).T
+        out = {}
+        for name, coef in candidates.items():
+            res = self.evaluate(trainer, coef, dm, split="test")
+            out[name] = {"mean_acc": float(np.mean([r["acc"] for r in res.values()])), "per_task": res}
+        for g, members in self.groups.items():
+            tasks = [self.names[t] for t in members]
+            for name in out:
+                out[name][f"mean_acc_{g}"] = float(np.mean([out[name]["per_task"][t]["acc"] for t in tasks]))
+        self.set_coefficients(candidates["final"])
+        if trainer.is_global_zero:
+            _atomic_write(self.out_dir / "test_eval.yaml", yaml.safe_dump(out, sort_keys=False).encode())
+        return out

@@ -1,0 +1,102 @@
+"""Weak data: the training examples an expert gets wrong, written as JSONL, never touching test data.
+
+Each weak file is a validation-only task (`weak_spec`) the merge search scores with the shared label scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+from memmcl.experts.expert import write_jsonl_atomic
+from memmcl.tasks.readers import read_split
+from memmcl.tasks.spec import Example, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class WeakDataError(ValueError):
+    """Weak data that would leak test examples, or cannot be built; the message names the task and what happened."""
+
+
+def content_hash(text: str, aspect: str | None) -> str:
+    return hashlib.sha256(json.dumps([text.strip(), aspect]).encode()).hexdigest()
+
+
+def test_hashes(spec: TaskSpec) -> set[str]:
+    """Returns the content hashes of a task's test split (empty when it has none)."""
+    if "test" not in spec.splits:
+        return set()
+    return {content_hash(e.text, e.aspect) for e in read_split(spec, "test")}
+
+
+def select_weak(
+    spec: TaskSpec,
+    train: list[Example],
+    records: list[dict],
+    fallback_examples: int = 32,
+    seed: int = 0,
+    max_examples: int | None = None,
+    on_test_overlap: str = "error",
+) -> tuple[list[dict], dict]:
+    """Returns (weak rows, summary) from an expert's predictions on its own training split.
+
+    The weak rows are the mispredicted training examples; if there are none, a seeded sample of `fallback_examples`
+    training examples stands in (said in the summary and the log). Any row whose content matches a test example
+    is an error (or is dropped, with `on_test_overlap="drop"`): test data never enters weak data or fitness.
+    """
+    by_id = {e.id: e for e in train}
+    if len(by_id) != len(train):
+        raise WeakDataError(f"task '{spec.name}': training ids are not unique; weak data needs one id per example")
+    wrong = [r for r in records if r["prediction"] != r["gold"]]
+    fallback = not wrong
+    if fallback:
+        log.warning("task '%s': the expert gets every training example right; weak data falls back to a seeded "
+                    "sample of %d training examples", spec.name, fallback_examples)
+        chosen = random.Random(seed).sample(sorted(by_id), min(fallback_examples, len(by_id)))
+        wrong = [{"id": i, "gold": spec.labels[by_id[i].label], "prediction": None, "scores": None} for i in chosen]
+    wrong.sort(key=lambda r: r["id"])
+    if max_examples is not None and len(wrong) > max_examples:
+        wrong = sorted(random.Random(seed).sample(wrong, max_examples), key=lambda r: r["id"])
+    rows = []
+    for r in wrong:
+        if r["id"] not in by_id:
+            raise WeakDataError(f"task '{spec.name}': prediction for id '{r['id']}' is not a training example")
+        e = by_id[r["id"]]
+        rows.append({"id": e.id, "text": e.text, "aspect": e.aspect, "label": spec.labels[e.label],
+                     "prediction": r["prediction"], "scores": r["scores"], "hash": content_hash(e.text, e.aspect)})
+    overlap = [row for row in rows if row["hash"] in test_hashes(spec)]
+    if overlap:
+        if on_test_overlap != "drop":
+            raise WeakDataError(
+                f"task '{spec.name}': {len(overlap)} weak example(s) have the same content as test examples "
+                f"(e.g. id '{overlap[0]['id']}'); deduplicate train against test, or set on_test_overlap: drop")
+        log.warning("task '%s': dropped %d weak example(s) that duplicate test examples", spec.name, len(overlap))
+        rows = [row for row in rows if row not in overlap]
+    summary = {"train": len(train), "wrong": 0 if fallback else len([r for r in records if r["prediction"] != r["gold"]]),
+               "weak": len(rows), "fallback": fallback, "test_overlap_dropped": len(overlap)}
+    return rows, summary
+
+
+def write_weak(path: Path, rows: list[dict]) -> None:
+    write_jsonl_atomic(path, rows)
+
+
+def weak_spec(spec: TaskSpec, path: Path) -> TaskSpec:
+    """Returns the task with its weak data as the only (validation) split, in the JSONL layout `write_weak` uses."""
+    return dataclasses.replace(
+        spec, splits={"validation": str(Path(path).resolve())}, format="jsonl", text_field="text", label_field="label",
+        aspect_field="aspect" if spec.aspect_field else None, id_field="id", source=str(path))
+
+
+def check_no_test_content(spec: TaskSpec, path: Path) -> None:
+    """Fails if a weak file holds any test example's content (checked again where fitness reads it)."""
+    hashes = test_hashes(spec)
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        row = json.loads(line)
+        if content_hash(row["text"], row.get("aspect")) in hashes:
+            raise WeakDataError(f"{path}:{n}: weak example '{row['id']}' has the content of a test example of '{spec.name}'")
