@@ -58,7 +58,7 @@ class MemmclCLI(LightningCLI):
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "memmcl", "default_hp_metric": False}},
         })
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+        super().__init__(L.LightningModule, None, *args, **kwargs)  # None: `data` is optional (merge has none)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

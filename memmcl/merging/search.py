@@ -221,6 +221,11 @@ class MergeSearch(LabelScoringModule):
 
     # ---- the search --------------------------------------------------------------------------------------------
 
+    def _key(self, genome) -> tuple[float, ...]:
+        """The genome as evaluated: clipped to the bounds and rounded (the fitness cache's key)."""
+        low, high = self.hparams.bounds
+        return tuple(round(float(min(max(v, low), high)), 8) for v in genome)
+
     def _coefficients(self, genome: list[float], basis: torch.Tensor) -> torch.Tensor:
         """Maps a flat genome (blocks × members) through the members' coefficient matrices [M, blocks, T]."""
         low, high = self.hparams.bounds
@@ -248,19 +253,19 @@ class MergeSearch(LabelScoringModule):
             state = pickle.loads(state_path.read_bytes())
             log.info("stage %s: resuming after generation %d", stage, state["generation"])
         else:
-            np.random.seed(h.seed)  # DEAP's CMA-ES draws from numpy's global RNG
-            state = {"generation": 0, "cache": {}, "best": None, "history": [], "np_rng": None,
+            # DEAP draws from numpy's and Python's global RNGs, which Lightning re-seeds in every DDP trainer call:
+            # the search keeps its own streams and swaps them in only while DEAP draws.
+            state = {"generation": 0, "cache": {}, "best": None, "history": [],
+                     "np_rng": np.random.RandomState(h.seed).get_state(),
                      "py_rng": random.Random(h.seed).getstate(), "population": None,
                      "strategy": cma.Strategy(centroid=centroid, sigma=h.sigma, lambda_=h.population) if h.algorithm == "cmaes" else None}
-        if state["np_rng"] is not None:
-            np.random.set_state(state["np_rng"])
         py_rng = random.Random()
         py_rng.setstate(state["py_rng"])
         cache: dict[tuple, dict] = state["cache"]
 
         def score(genome) -> float:
             low, high = h.bounds
-            key = tuple(round(min(max(v, low), high), 8) for v in genome)
+            key = self._key(genome)
             if key not in cache:  # identical genomes are evaluated once
                 cache[key] = self.evaluate(trainer, self._coefficients(list(genome), basis), dm)
             return self.fitness(cache[key])
@@ -273,7 +278,11 @@ class MergeSearch(LabelScoringModule):
             progress = tqdm(total=h.generations, initial=state["generation"], desc=f"merge {stage}", unit="gen")
         while state["generation"] < h.generations:
             if h.algorithm == "cmaes":
+                saved = np.random.get_state()
+                np.random.set_state(state["np_rng"])
                 population = state["strategy"].generate(creator.MemmclIndividual)
+                state["np_rng"] = np.random.get_state()
+                np.random.set_state(saved)
             else:
                 population = self._ga_offspring(state, py_rng, centroid, creator)
             for ind in population:
@@ -281,17 +290,17 @@ class MergeSearch(LabelScoringModule):
             if h.algorithm == "cmaes":
                 state["strategy"].update(population)
             else:
-                state["population"] = [(list(ind), ind.fitness.values[0]) for ind in population]
+                state["population"] = [([float(v) for v in ind], float(ind.fitness.values[0])) for ind in population]
             best_now = max(population, key=lambda ind: ind.fitness.values[0])
             if state["best"] is None or best_now.fitness.values[0] > state["best"][1]:
-                state["best"] = (list(best_now), best_now.fitness.values[0])
+                state["best"] = ([float(v) for v in best_now], float(best_now.fitness.values[0]))
             if state["generation"] == 0 and uniform > state["best"][1]:
                 state["best"] = (list(centroid), uniform)
             fits = [ind.fitness.values[0] for ind in population]
             state["generation"] += 1
-            state["history"].append({"generation": state["generation"], "best": state["best"][1],
-                                     "mean": float(np.mean(fits)), "max": max(fits), "evaluated": len(cache)})
-            state["np_rng"], state["py_rng"] = np.random.get_state(), py_rng.getstate()
+            state["history"].append({"generation": state["generation"], "best": float(state["best"][1]),
+                                     "mean": float(np.mean(fits)), "max": float(max(fits)), "evaluated": len(cache)})
+            state["py_rng"] = py_rng.getstate()
             self._log_generation(trainer, stage, state, member_names, basis)
             if trainer.is_global_zero:
                 _atomic_write(state_path, pickle.dumps(state))
@@ -308,10 +317,10 @@ class MergeSearch(LabelScoringModule):
         result = {
             "stage": stage,
             "members": member_names,
-            "genome": [round(min(max(v, low), high), 8) for v in genome],
+            "genome": list(self._key(genome)),
             "fitness": float(fit),
             "uniform_fitness": float(uniform),
-            "per_task": cache[tuple(round(min(max(v, low), high), 8) for v in genome)],
+            "per_task": cache[self._key(genome)],
             "coefficients": {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(self.names)},
             "history": state["history"],
         }
@@ -360,7 +369,7 @@ class MergeSearch(LabelScoringModule):
         genome, fit = state["best"]
         low, high = self.hparams.bounds
         metrics = {f"merge/{stage}/best_fitness": fit, f"merge/{stage}/mean_fitness": state["history"][-1]["mean"]}
-        per_task = state["cache"][tuple(round(min(max(v, low), high), 8) for v in genome)]
+        per_task = state["cache"][self._key(genome)]
         metrics.update({f"merge/{stage}/best_acc/{t}": r["acc"] for t, r in per_task.items()})
         x = torch.tensor(genome).clamp(low, high).view(self.hparams.blocks, len(member_names))
         for b in range(self.hparams.blocks):

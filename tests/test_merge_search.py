@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from memmcl.experts.expert import LoRAExpert
+from memmcl.merging.multilora import MergeError
+from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.merging.weak import WeakDataError, content_hash, select_weak
+from memmcl.tasks.readers import read_split
+from memmcl.tasks.spec import Example, load_task_spec, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["sc_binary", "sc_3class", "irony"]  # groups SC, SC, MAST: both stages run
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_dir, tmp_path_factory):
+    """Small random LoRA experts saved as LoRAExpert would (random B, so each expert differs from the base)."""
+    root = tmp_path_factory.mktemp("experts")
+    dirs = []
+    for i, task in enumerate(TASKS):
+        torch.manual_seed(10 + i)
+        e = LoRAExpert(backbone=str(tiny_dir), lora_r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+        for name, p in e.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)
+        e.specs = [load_task_spec(task)]
+        dirs.append(str(e.save_expert(root / task)))
+    return dirs
+
+
+def trainer():
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False)
+
+
+def search(experts, out_dir, **kw):
+    args = dict(population=4, generations=3, sigma=0.4, seed=3, max_weak_examples=24, eval_batch_size=32,
+                evaluate_test=False)
+    return MergeSearch(experts=experts, out_dir=str(out_dir), **{**args, **kw})
+
+
+def test_weak_data_is_training_mispredictions_only(experts, tmp_path):
+    module = search(experts, tmp_path, max_weak_examples=None)
+    specs = module.mine_weak_data(trainer())
+    summary = yaml.safe_load((tmp_path / "weak" / "summary.yaml").read_text())
+    for spec, task in zip(specs, TASKS, strict=True):
+        rows = [json.loads(line) for line in (tmp_path / "weak" / f"{task}.jsonl").read_text().splitlines()]
+        original = load_task_spec(task)
+        train = {e.id: e for e in read_split(original, "train")}
+        test = {content_hash(e.text, e.aspect) for e in read_split(original, "test")}
+        assert rows and len(rows) == summary[task]["weak"] == summary[task]["wrong"] < len(train)
+        assert all(r["id"] in train and r["prediction"] != r["label"] for r in rows)
+        assert all(original.labels[train[r["id"]].label] == r["label"] for r in rows)
+        assert not {r["hash"] for r in rows} & test
+        assert spec.splits == {"validation": str((tmp_path / "weak" / f"{task}.jsonl").resolve())}
+    # the one-hot genome is the expert itself: weak data is what the expert alone gets wrong
+    module.set_coefficients(torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(module.model.genome, torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_test_content_never_enters_weak_data(tmp_path):
+    rows = [{"id": "a", "text": "Great film.", "label": "positive"}, {"id": "b", "text": "Bad film.", "label": "negative"}]
+    for split, data in (("train", rows), ("test", rows[:1])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    spec = spec_from_dict({"name": "leaky", "group": "SC", "instruction": "Classify.",
+                           "labels": {"negative": "negative", "positive": "positive"},
+                           "splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}})
+    train = read_split(spec, "train")
+    records = [{"id": "a", "gold": "positive", "prediction": "negative", "scores": {}},
+               {"id": "b", "gold": "negative", "prediction": "positive", "scores": {}}]
+    with pytest.raises(WeakDataError, match="leaky.*same content as test examples.*id 'a'"):
+        select_weak(spec, train, records)
+    kept, info = select_weak(spec, train, records, on_test_overlap="drop")
+    assert [r["id"] for r in kept] == ["b"] and info["test_overlap_dropped"] == 1
+
+
+def test_an_expert_without_mistakes_gets_a_seeded_training_sample():
+    spec = load_task_spec("irony")
+    train = read_split(spec, "train")
+    records = [{"id": e.id, "gold": spec.labels[e.label], "prediction": spec.labels[e.label], "scores": {}} for e in train]
+    rows, info = select_weak(spec, train, records, fallback_examples=10, seed=1)
+    again, _ = select_weak(spec, train, records, fallback_examples=10, seed=1)
+    assert info["fallback"] and info["weak"] == 10 and rows == again
+    assert {r["id"] for r in rows} <= {e.id for e in train}
+    with pytest.raises(WeakDataError, match="not unique"):
+        select_weak(spec, [*train, Example(train[0].id, "x", 0)], records)
+
+
+def test_search_is_deterministic_and_resumes_to_the_same_result(experts, tmp_path, monkeypatch):
+    whole = search(experts, tmp_path / "whole").run(trainer())
+    assert set(whole["stages"]) == {"SC", "MAST", "global"}
+    sc = whole["stages"]["SC"]
+    assert sc["fitness"] >= sc["uniform_fitness"]  # the uniform merge is evaluated, so the best never falls below it
+    assert whole["coefficients"]["irony"] != [0.0]
+
+    class Killed(Exception):
+        pass
+
+    def kill(self, stage, generation):
+        if stage == "MAST" and generation == 2:
+            raise Killed
+
+    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    with pytest.raises(Killed):
+        search(experts, tmp_path / "killed").run(trainer())
+    state = tmp_path / "killed" / "stages" / "MAST" / "state.pkl"
+    assert state.exists() and not (tmp_path / "killed" / GENOME_FILE).exists()
+    monkeypatch.undo()
+    resumed = search(experts, tmp_path / "killed").run(trainer(), resume=True)
+    assert resumed["coefficients"] == whole["coefficients"]
+    assert resumed["stages"] == whole["stages"]
+    saved = yaml.safe_load((tmp_path / "killed" / GENOME_FILE).read_text())
+    assert saved["coefficients"] == whole["coefficients"]
+
+
+def test_genome_file_is_reusable_and_checked(experts, tmp_path):
+    first = search(experts, tmp_path / "a", generations=1).run(trainer())
+    module = search(experts, tmp_path / "b")
+    again = module.run(trainer(), genome=str(tmp_path / "a" / GENOME_FILE))
+    assert again["coefficients"] == first["coefficients"]
+    expected = torch.tensor([first["coefficients"][t] for t in TASKS]).T
+    assert torch.allclose(module.model.genome, expected)
+    assert (tmp_path / "b" / "merged" / "adapter_model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"coefficients": {"sc_binary": [1.0]}}))
+    with pytest.raises(MergeError, match=r"bad.yaml: field 'coefficients' lacks expert\(s\) \['irony', 'sc_3class'\]"):
+        module.load_genome(bad)
+
+
+def test_ga_search_runs_its_own_random_stream(experts, tmp_path):
+    import random
+
+    random.seed(123)
+    before = random.random()
+    random.seed(123)
+    a = search(experts, tmp_path / "a", algorithm="ga", generations=2).run(trainer())
+    assert random.random() == before  # DEAP's GA operators did not consume the global stream
+    b = search(experts, tmp_path / "b", algorithm="ga", generations=2).run(trainer())
+    assert a["coefficients"] == b["coefficients"]
+    assert a["stages"]["SC"]["fitness"] >= a["stages"]["SC"]["uniform_fitness"]
+
+
+def test_ddp_search_equals_one_process(experts, tmp_path):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "enable_checkpointing": False, "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}},
+        "model": {"class_path": "memmcl.merging.search.MergeSearch",
+                  "init_args": {"experts": experts, "population": 4, "generations": 2, "sigma": 0.4, "seed": 5,
+                                "max_weak_examples": 24, "evaluate_test": False}},
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        out = tmp_path / f"out{devices}"
+        cmd = [sys.executable, "-m", "memmcl", "merge", "--config", str(path), f"--trainer.devices={devices}",
+               f"--trainer.strategy={strategy}", f"--model.init_args.out_dir={out}", "--trainer.enable_progress_bar=false"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = yaml.safe_load((out / GENOME_FILE).read_text())
+    assert results[2]["stages"] == results[1]["stages"]
+    assert results[2]["coefficients"] == results[1]["coefficients"]
