@@ -8,6 +8,7 @@ projections. Run: `python benchmarks/merge_switch.py`.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import statistics
 import time
@@ -29,6 +30,12 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cycling_switch(multi: MultiLoRAModel, genomes: list[torch.Tensor], fold: bool):
+    """Returns a call that sets the next genome of the cycle."""
+    it = itertools.cycle(genomes)
+    return lambda: multi.set_genome(next(it), fold=fold)
 
 
 def main() -> None:
@@ -65,9 +72,8 @@ def main() -> None:
 
         multi = MultiLoRAModel(copy.deepcopy(base), factors)
         genomes = [torch.rand(T) for _ in range(64)]
-        k = iter(range(10**9))
-        switch = timed(lambda: multi.set_genome(genomes[next(k) % 64]), 300)
-        fold = timed(lambda: multi.set_genome(genomes[next(k) % 64], fold=True), 20)
+        switch = timed(cycling_switch(multi, genomes, fold=False), 300)
+        fold = timed(cycling_switch(multi, genomes, fold=True), 20)
         with torch.no_grad():
             multi.set_genome(weights)
             diff_factors = float((multi(input_ids=ids).logits - reference).abs().max())
@@ -79,7 +85,7 @@ def main() -> None:
         for combination in ("linear", "svd"):
             names = [f"e{t}" for t in range(T)]
 
-            def rebuild(combination=combination, names=names):
+            def rebuild(combination=combination, names=names, peft_model=peft_model, weights=weights):
                 peft_model.add_weighted_adapter(names, weights.tolist(), "merged", combination_type=combination)
                 peft_model.set_adapter("merged")
                 peft_model.delete_adapter("merged")

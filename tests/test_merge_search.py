@@ -47,7 +47,7 @@ def search(experts, out_dir, **kw):
 
 
 def test_weak_data_is_training_mispredictions_only(experts, tmp_path):
-    module = search(experts, tmp_path, max_weak_examples=None)
+    module = search(experts, tmp_path, max_weak_examples=None, min_weak_examples=0)
     specs = module.mine_weak_data(trainer())
     summary = yaml.safe_load((tmp_path / "weak" / "summary.yaml").read_text())
     for spec, task in zip(specs, TASKS, strict=True):
@@ -56,6 +56,7 @@ def test_weak_data_is_training_mispredictions_only(experts, tmp_path):
         train = {e.id: e for e in read_split(original, "train")}
         test = {content_hash(e.text, e.aspect) for e in read_split(original, "test")}
         assert rows and len(rows) == summary[task]["weak"] == summary[task]["wrong"] < len(train)
+        assert summary[task]["low_margin"] == 0
         assert all(r["id"] in train and r["prediction"] != r["label"] for r in rows)
         assert all(original.labels[train[r["id"]].label] == r["label"] for r in rows)
         assert not {r["hash"] for r in rows} & test
@@ -73,22 +74,30 @@ def test_test_content_never_enters_weak_data(tmp_path):
                            "labels": {"negative": "negative", "positive": "positive"},
                            "splits": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}})
     train = read_split(spec, "train")
-    records = [{"id": "a", "gold": "positive", "prediction": "negative", "scores": {}},
-               {"id": "b", "gold": "negative", "prediction": "positive", "scores": {}}]
+    records = [{"id": "a", "gold": "positive", "prediction": "negative", "scores": {"positive": -2.0, "negative": -1.0}},
+               {"id": "b", "gold": "negative", "prediction": "positive", "scores": {"positive": -1.0, "negative": -2.0}}]
     with pytest.raises(WeakDataError, match="leaky.*same content as test examples.*id 'a'"):
-        select_weak(spec, train, records)
-    kept, info = select_weak(spec, train, records, on_test_overlap="drop")
+        select_weak(spec, train, records, min_examples=0)
+    kept, info = select_weak(spec, train, records, min_examples=0, on_test_overlap="drop")
     assert [r["id"] for r in kept] == ["b"] and info["test_overlap_dropped"] == 1
 
 
-def test_an_expert_without_mistakes_gets_a_seeded_training_sample():
+def test_few_mistakes_are_topped_up_with_the_lowest_margin_training_examples():
     spec = load_task_spec("irony")
     train = read_split(spec, "train")
-    records = [{"id": e.id, "gold": spec.labels[e.label], "prediction": spec.labels[e.label], "scores": {}} for e in train]
-    rows, info = select_weak(spec, train, records, fallback_examples=10, seed=1)
-    again, _ = select_weak(spec, train, records, fallback_examples=10, seed=1)
-    assert info["fallback"] and info["weak"] == 10 and rows == again
-    assert {r["id"] for r in rows} <= {e.id for e in train}
+    records = []
+    for i, e in enumerate(train):  # gold wins by a margin of i / 10, except example 5, which is wrong
+        gold = spec.labels[e.label]
+        other = spec.labels[1 - e.label]
+        records.append({"id": e.id, "gold": gold, "prediction": other if i == 5 else gold,
+                        "scores": {gold: -1.0 + (i / 10 if i != 5 else -0.5), other: -1.0}})
+    rows, info = select_weak(spec, train, records, min_examples=4)
+    expected = {train[5].id, train[0].id, train[1].id, train[2].id}  # the mistake, then margins 0, 0.1, 0.2
+    assert {r["id"] for r in rows} == expected
+    assert info == {"train": 300, "wrong": 1, "low_margin": 3, "weak": 4, "test_overlap_dropped": 0}
+    assert [r["id"] for r in rows] == sorted(expected)
+    rows, info = select_weak(spec, train, records, min_examples=0)  # no top-up asked: the mistakes alone
+    assert [r["id"] for r in rows] == [train[5].id] and info["low_margin"] == 0
     with pytest.raises(WeakDataError, match="not unique"):
         select_weak(spec, [*train, Example(train[0].id, "x", 0)], records)
 

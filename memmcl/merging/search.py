@@ -12,6 +12,7 @@ ranks see the same fitness and, with the same seed, the same genomes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pickle
@@ -53,6 +54,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def _quiet_progress_bar(trainer: L.Trainer):
+    """Hides the per-call progress bar while the search runs thousands of short validate/predict calls."""
+    bar = trainer.progress_bar_callback
+    enabled = bar is not None and bar.is_enabled
+    if enabled:
+        bar.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            bar.enable()
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -74,7 +89,8 @@ class MergeSearch(LabelScoringModule):
         task_weights: fitness = Σ w_task · acc_task / Σ w_task (default 1 per task).
         groups: override the expert → group assignment (`{SC: [sc_binary, ...], ...}`).
         max_weak_examples: cap per task (seeded sample) to bound fitness cost.
-        fallback_examples: weak data of an expert that gets all training data right (seeded training sample).
+        min_weak_examples: weak data below this size is topped up with the expert's lowest-margin correct
+            training examples (a fitted expert gets almost all of its training data right).
         on_test_overlap: `error` (default) or `drop` weak examples whose content equals a test example's.
         evaluate_test: after the search, score base / uniform / group / global merges on the test splits.
     """
@@ -102,7 +118,7 @@ class MergeSearch(LabelScoringModule):
         max_length: int = 256,
         eval_batch_size: int = 32,
         max_weak_examples: int | None = None,
-        fallback_examples: int = 32,
+        min_weak_examples: int = 32,
         on_test_overlap: Literal["error", "drop"] = "error",
         evaluate_test: bool = True,
     ):
@@ -163,18 +179,10 @@ class MergeSearch(LabelScoringModule):
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
         """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split."""
         self.set_coefficients(coef)
-        bar = trainer.progress_bar_callback
-        enabled = bar is not None and bar.is_enabled
-        if enabled:
-            bar.disable()
-        try:
-            if split == "val":
-                trainer.validate(self, datamodule=datamodule, verbose=False)
-            else:
-                trainer.test(self, datamodule=datamodule, verbose=False)
-        finally:
-            if enabled:
-                bar.enable()
+        if split == "val":
+            trainer.validate(self, datamodule=datamodule, verbose=False)
+        else:
+            trainer.test(self, datamodule=datamodule, verbose=False)
         return self.results[split]
 
     def fitness(self, results: dict) -> float:
@@ -195,7 +203,7 @@ class MergeSearch(LabelScoringModule):
             out = weak_dir / f"{spec.name}.jsonl"
             fingerprint = _sha(path / "adapter_model.safetensors")
             key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
-                   "fallback_examples": self.hparams.fallback_examples}
+                   "min_weak_examples": self.hparams.min_weak_examples}
             if not (out.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
                 onehot = torch.zeros(self.model.n_experts)
                 onehot[t] = 1.0
@@ -206,15 +214,15 @@ class MergeSearch(LabelScoringModule):
                     gathered = [None] * dist.get_world_size()
                     dist.all_gather_object(gathered, records)
                     records = [r for part in gathered for r in part]
-                rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.fallback_examples,
+                rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.min_weak_examples,
                                          self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap)
                 summary[spec.name] = {**key, **info}
                 if trainer.is_global_zero:
                     write_jsonl_atomic(out, rows)
                     _atomic_write(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
                 trainer.strategy.barrier()
-                log.info("weak data of '%s': %d of %d training examples%s", spec.name, info["weak"], info["train"],
-                         " (fallback sample)" if info["fallback"] else "")
+                log.info("weak data of '%s': %d mispredicted + %d low-margin of %d training examples", spec.name,
+                         info["wrong"], info["low_margin"], info["train"])
             check_no_test_content(spec, out)
             specs.append(weak_spec(spec, out))
         return specs
@@ -272,7 +280,7 @@ class MergeSearch(LabelScoringModule):
 
         uniform = score(centroid)
         progress = None
-        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+        if trainer.is_global_zero and self._show_progress:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=h.generations, initial=state["generation"], desc=f"merge {stage}", unit="gen")
@@ -382,6 +390,12 @@ class MergeSearch(LabelScoringModule):
 
     def run(self, trainer: L.Trainer, resume: bool = False, genome: str | None = None) -> dict:
         """Weak data → a search per group → a search over the group merges → export (→ test evaluation)."""
+        progress = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
+        with _quiet_progress_bar(trainer):
+            return self._run(trainer, resume, genome, progress)
+
+    def _run(self, trainer: L.Trainer, resume: bool, genome: str | None, progress: bool) -> dict:
+        self._show_progress = progress
         if not resume and genome is None and trainer.is_global_zero and (self.out_dir / "stages").exists():
             import shutil
 

@@ -34,51 +34,61 @@ def test_hashes(spec: TaskSpec) -> set[str]:
     return {content_hash(e.text, e.aspect) for e in read_split(spec, "test")}
 
 
+def margin(record: dict) -> float:
+    """Returns the gold label's score minus the best other label's: how narrowly the expert got an example right."""
+    scores = record["scores"]
+    gold = scores[record["gold"]]
+    return gold - max(v for k, v in scores.items() if k != record["gold"])
+
+
 def select_weak(
     spec: TaskSpec,
     train: list[Example],
     records: list[dict],
-    fallback_examples: int = 32,
+    min_examples: int = 32,
     seed: int = 0,
     max_examples: int | None = None,
     on_test_overlap: str = "error",
 ) -> tuple[list[dict], dict]:
     """Returns (weak rows, summary) from an expert's predictions on its own training split.
 
-    The weak rows are the mispredicted training examples; if there are none, a seeded sample of `fallback_examples`
-    training examples stands in (said in the summary and the log). Any row whose content matches a test example
-    is an error (or is dropped, with `on_test_overlap="drop"`): test data never enters weak data or fitness.
+    The weak rows are the mispredicted training examples. A well-fitted expert gets nearly all of its training data
+    right, and a fitness over one or two examples is noise, so when there are fewer than `min_examples`, the
+    correctly predicted examples with the smallest margin (gold score minus the best other label's) top them up;
+    the summary counts both kinds. `max_examples` caps the rows by a seeded sample. Any row whose content matches a
+    test example is an error (or is dropped, with `on_test_overlap="drop"`): test data never enters weak data.
     """
     by_id = {e.id: e for e in train}
     if len(by_id) != len(train):
         raise WeakDataError(f"task '{spec.name}': training ids are not unique; weak data needs one id per example")
-    wrong = [r for r in records if r["prediction"] != r["gold"]]
-    fallback = not wrong
-    if fallback:
-        log.warning("task '%s': the expert gets every training example right; weak data falls back to a seeded "
-                    "sample of %d training examples", spec.name, fallback_examples)
-        chosen = random.Random(seed).sample(sorted(by_id), min(fallback_examples, len(by_id)))
-        wrong = [{"id": i, "gold": spec.labels[by_id[i].label], "prediction": None, "scores": None} for i in chosen]
-    wrong.sort(key=lambda r: r["id"])
-    if max_examples is not None and len(wrong) > max_examples:
-        wrong = sorted(random.Random(seed).sample(wrong, max_examples), key=lambda r: r["id"])
+    unknown = [r["id"] for r in records if r["id"] not in by_id]
+    if unknown:
+        raise WeakDataError(f"task '{spec.name}': prediction for id '{unknown[0]}' is not a training example")
+    wrong = sorted((r for r in records if r["prediction"] != r["gold"]), key=lambda r: r["id"])
+    right = sorted((r for r in records if r["prediction"] == r["gold"]), key=lambda r: (margin(r), r["id"]))
+    top_up = right[: max(min_examples - len(wrong), 0)]
+    if top_up:
+        log.info("task '%s': %d mispredicted training example(s); topped up with the %d lowest-margin correct ones",
+                 spec.name, len(wrong), len(top_up))
+    chosen = wrong + top_up
+    if max_examples is not None and len(chosen) > max_examples:
+        chosen = random.Random(seed).sample(chosen, max_examples)
     rows = []
-    for r in wrong:
-        if r["id"] not in by_id:
-            raise WeakDataError(f"task '{spec.name}': prediction for id '{r['id']}' is not a training example")
+    for r in sorted(chosen, key=lambda r: r["id"]):
         e = by_id[r["id"]]
         rows.append({"id": e.id, "text": e.text, "aspect": e.aspect, "label": spec.labels[e.label],
-                     "prediction": r["prediction"], "scores": r["scores"], "hash": content_hash(e.text, e.aspect)})
-    overlap = [row for row in rows if row["hash"] in test_hashes(spec)]
+                     "prediction": r["prediction"], "margin": margin(r), "hash": content_hash(e.text, e.aspect)})
+    test = test_hashes(spec)
+    overlap = [row for row in rows if row["hash"] in test]
     if overlap:
         if on_test_overlap != "drop":
             raise WeakDataError(
                 f"task '{spec.name}': {len(overlap)} weak example(s) have the same content as test examples "
                 f"(e.g. id '{overlap[0]['id']}'); deduplicate train against test, or set on_test_overlap: drop")
         log.warning("task '%s': dropped %d weak example(s) that duplicate test examples", spec.name, len(overlap))
-        rows = [row for row in rows if row not in overlap]
-    summary = {"train": len(train), "wrong": 0 if fallback else len([r for r in records if r["prediction"] != r["gold"]]),
-               "weak": len(rows), "fallback": fallback, "test_overlap_dropped": len(overlap)}
+        rows = [row for row in rows if row["hash"] not in test]
+    summary = {"train": len(train), "wrong": len(wrong), "low_margin": len(top_up), "weak": len(rows),
+               "test_overlap_dropped": len(overlap)}
     return rows, summary
 
 
