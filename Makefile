@@ -34,7 +34,7 @@ bench: venv
 	for b in benchmarks/*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 lint: venv
-	$(VENV)/bin/ruff check memmcl callbacks tests benchmarks scripts
+	$(VENV)/bin/ruff check memmcl callbacks tests benchmarks
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
