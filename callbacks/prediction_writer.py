@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from memmcl.experts.expert import write_jsonl_atomic
+from memmcl.experts.expert import gather_records, write_jsonl_atomic
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -16,10 +15,6 @@ class PredictionWriter(BasePredictionWriter):
         self.output = output
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        records = [r for batch in predictions for r in batch]
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
+        records = gather_records([r for batch in predictions for r in batch])
         if trainer.is_global_zero:
             write_jsonl_atomic(self.output, sorted(records, key=lambda r: (r["task"], r["id"])))

@@ -229,12 +229,26 @@ def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[L
     return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
-    """Writes records as JSONL through a temporary file renamed into place."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file renamed into place (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
+    """Writes records as JSONL, atomically."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def gather_records(records: list) -> list:
+    """Returns every rank's records, concatenated in rank order (the records themselves outside DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return records
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part]

@@ -83,6 +83,25 @@ def read_lora_factors(path: str | Path, name: str | None = None) -> LoRAFactors:
     return LoRAFactors(name or path.name, modules)
 
 
+def coefficients_to_yaml(coef: torch.Tensor, names: list[str]) -> dict[str, list[float]]:
+    """Returns a [blocks, T] coefficient matrix as `{expert: [per-block weight]}`, the form genome files hold."""
+    return {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(names)}
+
+
+def coefficients_from_yaml(coefficients, names: list[str], blocks: int, source: str = "<memory>") -> torch.Tensor:
+    """Returns the [blocks, T] matrix of `{expert: [per-block weight]}` (a bare number counts as one block),
+    checked against the experts; errors name `source` and what was expected."""
+    if not isinstance(coefficients, dict):
+        raise MergeError(f"{source}: field 'coefficients' (expert name -> list of per-block weights) is missing")
+    missing = set(names) - set(coefficients)
+    if missing:
+        raise MergeError(f"{source}: field 'coefficients' lacks expert(s) {sorted(missing)}; experts: {names}")
+    values = [coefficients[n] if isinstance(coefficients[n], list) else [coefficients[n]] for n in names]
+    if any(len(v) != blocks for v in values):
+        raise MergeError(f"{source}: every coefficient list needs {blocks} value(s) (blocks)")
+    return torch.tensor(values, dtype=torch.float32).T
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen linear layer plus the concatenated factors of every expert that targets it."""
 

@@ -16,42 +16,38 @@ import contextlib
 import hashlib
 import logging
 import pickle
-import random
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from memmcl.experts.backbone import Dtype, atomic_save_dir, load_backbone
-from memmcl.experts.expert import EXPERT_FILE, LabelScoringModule, check_expert_dir, write_jsonl_atomic
+from memmcl.experts.expert import (
+    EXPERT_FILE,
+    LabelScoringModule,
+    check_expert_dir,
+    gather_records,
+    write_atomic,
+    write_jsonl_atomic,
+)
+from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod
-from memmcl.merging.multilora import MergeError, MultiLoRAModel, read_lora_factors
+from memmcl.merging.multilora import (
+    MergeError,
+    MultiLoRAModel,
+    coefficients_from_yaml,
+    coefficients_to_yaml,
+    read_lora_factors,
+)
 from memmcl.merging.weak import check_no_test_content, select_weak, weak_spec
 from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 GENOME_FILE = "best_genome.yaml"
-
-
-def _creator():
-    from deap import base, creator
-
-    if not hasattr(creator, "MemmclFitness"):  # creating twice warns
-        creator.create("MemmclFitness", base.Fitness, weights=(1.0,))
-        creator.create("MemmclIndividual", list, fitness=creator.MemmclFitness)
-    return creator
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -209,17 +205,13 @@ class MergeSearch(LabelScoringModule):
                 onehot[t] = 1.0
                 self.set_coefficients(onehot)
                 dm = self._datamodule([spec], predict_split="train")
-                records = [r for batch in trainer.predict(self, datamodule=dm) for r in batch]
-                if dist.is_available() and dist.is_initialized():
-                    gathered = [None] * dist.get_world_size()
-                    dist.all_gather_object(gathered, records)
-                    records = [r for part in gathered for r in part]
+                records = gather_records([r for batch in trainer.predict(self, datamodule=dm) for r in batch])
                 rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.min_weak_examples,
                                          self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap)
                 summary[spec.name] = {**key, **info}
                 if trainer.is_global_zero:
                     write_jsonl_atomic(out, rows)
-                    _atomic_write(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
+                    write_atomic(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
                 trainer.strategy.barrier()
                 log.info("weak data of '%s': %d mispredicted + %d low-margin of %d training examples", spec.name,
                          info["wrong"], info["low_margin"], info["train"])
@@ -235,18 +227,20 @@ class MergeSearch(LabelScoringModule):
         return tuple(round(float(min(max(v, low), high)), 8) for v in genome)
 
     def _coefficients(self, genome: list[float], basis: torch.Tensor) -> torch.Tensor:
-        """Maps a flat genome (blocks × members) through the members' coefficient matrices [M, blocks, T]."""
-        low, high = self.hparams.bounds
-        x = torch.tensor(genome, dtype=torch.float32).clamp(low, high).view(self.hparams.blocks, basis.shape[0])
+        """Maps a flat genome (blocks × members), as evaluated, through the members' coefficient matrices [M, blocks, T]."""
+        x = torch.tensor(self._key(genome), dtype=torch.float32).view(self.hparams.blocks, basis.shape[0])
         return torch.einsum("bm,mbt->bt", x, basis)
+
+    def _coef_dict(self, coef: torch.Tensor) -> dict[str, list[float]]:
+        return coefficients_to_yaml(coef, self.names)
+
+    def _coef_matrix(self, coefficients, source: str = "<memory>") -> torch.Tensor:
+        return coefficients_from_yaml(coefficients, self.names, self.hparams.blocks, source)
 
     def search_stage(self, trainer: L.Trainer, stage: str, basis: torch.Tensor, member_names: list[str],
                      weak: list[TaskSpec], resume: bool) -> dict:
         """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task}."""
-        from deap import cma
-
         h = self.hparams
-        creator = _creator()
         stage_dir = self.out_dir / "stages" / stage
         state_path = stage_dir / "state.pkl"
         result_path = stage_dir / "result.yaml"
@@ -254,28 +248,18 @@ class MergeSearch(LabelScoringModule):
             log.info("stage %s: done before, reusing %s", stage, result_path)
             return yaml.safe_load(result_path.read_text())
         dm = self._datamodule(weak)
-        n_members = basis.shape[0]
-        dim = n_members * h.blocks
-        centroid = [1.0 / n_members] * dim  # the uniform merge of the members
+        centroid = [1.0 / basis.shape[0]] * (basis.shape[0] * h.blocks)  # the uniform merge of the members
         if resume and state_path.exists():
             state = pickle.loads(state_path.read_bytes())
             log.info("stage %s: resuming after generation %d", stage, state["generation"])
         else:
-            # DEAP draws from numpy's and Python's global RNGs, which Lightning re-seeds in every DDP trainer call:
-            # the search keeps its own streams and swaps them in only while DEAP draws.
-            state = {"generation": 0, "cache": {}, "best": None, "history": [],
-                     "np_rng": np.random.RandomState(h.seed).get_state(),
-                     "py_rng": random.Random(h.seed).getstate(), "population": None,
-                     "strategy": cma.Strategy(centroid=centroid, sigma=h.sigma, lambda_=h.population) if h.algorithm == "cmaes" else None}
-        py_rng = random.Random()
-        py_rng.setstate(state["py_rng"])
+            state = evolution.new_state(h.algorithm, centroid, h.sigma, h.population, h.seed)
         cache: dict[tuple, dict] = state["cache"]
 
         def score(genome) -> float:
-            low, high = h.bounds
             key = self._key(genome)
             if key not in cache:  # identical genomes are evaluated once
-                cache[key] = self.evaluate(trainer, self._coefficients(list(genome), basis), dm)
+                cache[key] = self.evaluate(trainer, self._coefficients(genome, basis), dm)
             return self.fitness(cache[key])
 
         uniform = score(centroid)
@@ -285,33 +269,13 @@ class MergeSearch(LabelScoringModule):
 
             progress = tqdm(total=h.generations, initial=state["generation"], desc=f"merge {stage}", unit="gen")
         while state["generation"] < h.generations:
-            if h.algorithm == "cmaes":
-                saved = np.random.get_state()
-                np.random.set_state(state["np_rng"])
-                population = state["strategy"].generate(creator.MemmclIndividual)
-                state["np_rng"] = np.random.get_state()
-                np.random.set_state(saved)
-            else:
-                population = self._ga_offspring(state, py_rng, centroid, creator)
+            population = evolution.propose(state, h.algorithm, centroid, h.sigma, h.population)
             for ind in population:
                 ind.fitness.values = (score(ind),)
-            if h.algorithm == "cmaes":
-                state["strategy"].update(population)
-            else:
-                state["population"] = [([float(v) for v in ind], float(ind.fitness.values[0])) for ind in population]
-            best_now = max(population, key=lambda ind: ind.fitness.values[0])
-            if state["best"] is None or best_now.fitness.values[0] > state["best"][1]:
-                state["best"] = ([float(v) for v in best_now], float(best_now.fitness.values[0]))
-            if state["generation"] == 0 and uniform > state["best"][1]:
-                state["best"] = (list(centroid), uniform)
-            fits = [ind.fitness.values[0] for ind in population]
-            state["generation"] += 1
-            state["history"].append({"generation": state["generation"], "best": float(state["best"][1]),
-                                     "mean": float(np.mean(fits)), "max": float(max(fits)), "evaluated": len(cache)})
-            state["py_rng"] = py_rng.getstate()
-            self._log_generation(trainer, stage, state, member_names, basis)
+            evolution.tell(state, h.algorithm, population, (centroid, uniform))
+            self._log_generation(trainer, stage, state, member_names)
             if trainer.is_global_zero:
-                _atomic_write(state_path, pickle.dumps(state))
+                write_atomic(state_path, pickle.dumps(state))
             trainer.strategy.barrier()
             if progress is not None:
                 progress.update(1)
@@ -320,8 +284,6 @@ class MergeSearch(LabelScoringModule):
         if progress is not None:
             progress.close()
         genome, fit = state["best"]
-        coef = self._coefficients(genome, basis)
-        low, high = h.bounds
         result = {
             "stage": stage,
             "members": member_names,
@@ -329,57 +291,27 @@ class MergeSearch(LabelScoringModule):
             "fitness": float(fit),
             "uniform_fitness": float(uniform),
             "per_task": cache[self._key(genome)],
-            "coefficients": {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(self.names)},
+            "coefficients": self._coef_dict(self._coefficients(genome, basis)),
             "history": state["history"],
         }
         if trainer.is_global_zero:
-            _atomic_write(result_path, yaml.safe_dump(result, sort_keys=False).encode())
+            write_atomic(result_path, yaml.safe_dump(result, sort_keys=False).encode())
         trainer.strategy.barrier()
         return result
-
-    def _ga_offspring(self, state, rng: random.Random, centroid, creator) -> list:
-        """One generation of a (mu + lambda) GA: blend crossover and Gaussian mutation (DEAP operators)."""
-        from deap import tools
-
-        h = self.hparams
-        if state["population"] is None:
-            return [creator.MemmclIndividual([c + rng.gauss(0, h.sigma) for c in centroid]) for _ in range(h.population)]
-        parents = []
-        for genome, fit in state["population"]:
-            ind = creator.MemmclIndividual(genome)
-            ind.fitness.values = (fit,)
-            parents.append(ind)
-        saved = random.getstate()  # DEAP's operators draw from the `random` module: run them on our own stream
-        random.setstate(rng.getstate())
-        try:
-            chosen = tools.selTournament(parents, h.population, tournsize=3)
-            children = [creator.MemmclIndividual(list(c)) for c in chosen]
-            for a, b in zip(children[::2], children[1::2], strict=False):
-                if random.random() < 0.5:
-                    tools.cxBlend(a, b, alpha=0.3)
-            for c in children:
-                tools.mutGaussian(c, mu=0.0, sigma=h.sigma, indpb=0.5)
-            elite = max(parents, key=lambda ind: ind.fitness.values[0])
-            children[0] = creator.MemmclIndividual(list(elite))
-            rng.setstate(random.getstate())
-        finally:
-            random.setstate(saved)
-        return children
 
     def _after_generation(self, stage: str, generation: int) -> None:
         """Hook after each generation's state is saved (tests stop a search here to check resume)."""
 
-    def _log_generation(self, trainer, stage, state, member_names, basis) -> None:
+    def _log_generation(self, trainer, stage, state, member_names) -> None:
         logger = trainer.logger
         if logger is None:
             return
         step = state["generation"]
         genome, fit = state["best"]
-        low, high = self.hparams.bounds
         metrics = {f"merge/{stage}/best_fitness": fit, f"merge/{stage}/mean_fitness": state["history"][-1]["mean"]}
         per_task = state["cache"][self._key(genome)]
         metrics.update({f"merge/{stage}/best_acc/{t}": r["acc"] for t, r in per_task.items()})
-        x = torch.tensor(genome).clamp(low, high).view(self.hparams.blocks, len(member_names))
+        x = torch.tensor(self._key(genome)).view(self.hparams.blocks, len(member_names))
         for b in range(self.hparams.blocks):
             for m, name in enumerate(member_names):
                 suffix = f"/block{b}" if self.hparams.blocks > 1 else ""
@@ -390,18 +322,18 @@ class MergeSearch(LabelScoringModule):
 
     def run(self, trainer: L.Trainer, resume: bool = False, genome: str | None = None) -> dict:
         """Weak data → a search per group → a search over the group merges → export (→ test evaluation)."""
-        progress = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
+        # One bar over generations replaces Lightning's per-call bars, if the trainer shows bars at all.
+        self._show_progress = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
         with _quiet_progress_bar(trainer):
-            return self._run(trainer, resume, genome, progress)
+            return self._run(trainer, resume, genome)
 
-    def _run(self, trainer: L.Trainer, resume: bool, genome: str | None, progress: bool) -> dict:
-        self._show_progress = progress
+    def _run(self, trainer: L.Trainer, resume: bool, genome: str | None) -> dict:
         if not resume and genome is None and trainer.is_global_zero and (self.out_dir / "stages").exists():
             import shutil
 
             shutil.rmtree(self.out_dir / "stages")
         if genome is not None:
-            coef, record = self.load_genome(genome), yaml.safe_load(Path(genome).read_text())
+            coef, record = self.load_genome(genome)
         else:
             weak = self.mine_weak_data(trainer)
             T = self.model.n_experts
@@ -413,14 +345,14 @@ class MergeSearch(LabelScoringModule):
                     basis[m, :, t] = 1.0
                 stages[g] = self.search_stage(trainer, g, basis, [self.names[t] for t in members],
                                               [weak[t] for t in members], resume)
-                group_coef[g] = torch.tensor([stages[g]["coefficients"][n] for n in self.names]).T  # [blocks, T]
+                group_coef[g] = self._coef_matrix(stages[g]["coefficients"])
             if len(self.groups) > 1:
                 basis = torch.stack([group_coef[g] for g in self.groups])
                 stages["global"] = self.search_stage(trainer, "global", basis, list(self.groups), weak, resume)
                 final = stages["global"]
             else:
                 final = stages[next(iter(self.groups))]
-            coef = torch.tensor([final["coefficients"][n] for n in self.names]).T
+            coef = self._coef_matrix(final["coefficients"])
             record = {
                 "backbone": self.backbone,
                 "experts": {n: str(p.resolve()) for n, p in zip(self.names, self.expert_dirs, strict=True)},
@@ -430,10 +362,10 @@ class MergeSearch(LabelScoringModule):
                 "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
                 "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
                            for s, r in stages.items()},
-                "coefficients": {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(self.names)},
+                "coefficients": self._coef_dict(coef),
             }
             if trainer.is_global_zero:
-                _atomic_write(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
+                write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
         self.set_coefficients(coef)
         if trainer.is_global_zero:
             self.export(self.out_dir / "merged")
@@ -443,22 +375,13 @@ class MergeSearch(LabelScoringModule):
         self.summary = record
         return record
 
-    def load_genome(self, path: str | Path) -> torch.Tensor:
-        """Returns the [blocks, T] coefficients of a `best_genome.yaml`, checked against these experts."""
+    def load_genome(self, path: str | Path) -> tuple[torch.Tensor, dict]:
+        """Returns the [blocks, T] coefficients of a `best_genome.yaml`, checked against these experts, and the file's record."""
         path = Path(path)
         if not path.exists():
             raise MergeError(f"{path}: no such genome file; expected a best_genome.yaml written by memmcl merge")
-        data = yaml.safe_load(path.read_text())
-        coefs = (data or {}).get("coefficients")
-        if not isinstance(coefs, dict):
-            raise MergeError(f"{path}: field 'coefficients' (expert name -> list of per-block weights) is missing")
-        missing = set(self.names) - set(coefs)
-        if missing:
-            raise MergeError(f"{path}: field 'coefficients' lacks expert(s) {sorted(missing)}; experts: {self.names}")
-        values = [coefs[n] if isinstance(coefs[n], list) else [coefs[n]] for n in self.names]
-        if any(len(v) != self.hparams.blocks for v in values):
-            raise MergeError(f"{path}: every coefficient list needs {self.hparams.blocks} value(s) (blocks)")
-        return torch.tensor(values, dtype=torch.float32).T
+        data = yaml.safe_load(path.read_text()) or {}
+        return self._coef_matrix(data.get("coefficients"), source=str(path)), data
 
     def export(self, out_dir: Path) -> Path:
         """Writes the current merge: a peft adapter loadable as an expert (linear), else a full HF model."""
@@ -485,8 +408,8 @@ class MergeSearch(LabelScoringModule):
             u[:, members] = 1.0 / len(members)
             candidates[f"uniform_{g}"] = u
         for stage, r in record.get("stages", {}).items():
-            candidates[f"evolved_{stage}"] = torch.tensor([r["coefficients"][n] for n in self.names]).T
-        candidates["final"] = torch.tensor([record["coefficients"][n] for n in self.names]).T
+            candidates[f"evolved_{stage}"] = self._coef_matrix(r["coefficients"])
+        candidates["final"] = self._coef_matrix(record["coefficients"])
         out = {}
         for name, coef in candidates.items():
             res = self.evaluate(trainer, coef, dm, split="test")
@@ -497,5 +420,5 @@ class MergeSearch(LabelScoringModule):
                 out[name][f"mean_acc_{g}"] = float(np.mean([out[name]["per_task"][t]["acc"] for t in tasks]))
         self.set_coefficients(candidates["final"])
         if trainer.is_global_zero:
-            _atomic_write(self.out_dir / "test_eval.yaml", yaml.safe_dump(out, sort_keys=False).encode())
+            write_atomic(self.out_dir / "test_eval.yaml", yaml.safe_dump(out, sort_keys=False).encode())
         return out

@@ -12,7 +12,6 @@ import logging
 import random
 from pathlib import Path
 
-from memmcl.experts.expert import write_jsonl_atomic
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
 
@@ -92,12 +91,8 @@ def select_weak(
     return rows, summary
 
 
-def write_weak(path: Path, rows: list[dict]) -> None:
-    write_jsonl_atomic(path, rows)
-
-
 def weak_spec(spec: TaskSpec, path: Path) -> TaskSpec:
-    """Returns the task with its weak data as the only (validation) split, in the JSONL layout `write_weak` uses."""
+    """Returns the task with its weak data as the only (validation) split, in the JSONL layout `select_weak` returns."""
     return dataclasses.replace(
         spec, splits={"validation": str(Path(path).resolve())}, format="jsonl", text_field="text", label_field="label",
         aspect_field="aspect" if spec.aspect_field else None, id_field="id", source=str(path))
