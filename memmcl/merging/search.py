@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -42,7 +43,7 @@ from memmcl.merging.multilora import (
     coefficients_to_yaml,
     read_lora_factors,
 )
-from memmcl.merging.weak import check_no_test_content, select_weak, weak_spec
+from memmcl.merging.weak import check_no_test_content, gold_loss, select_weak, weak_spec
 from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
@@ -89,6 +90,7 @@ class MergeSearch(LabelScoringModule):
             training examples (a fitted expert gets almost all of its training data right).
         on_test_overlap: `error` (default) or `drop` weak examples whose content equals a test example's.
         evaluate_test: after the search, score base / uniform / group / global merges on the test splits.
+        weak_dir: where weak data goes (default `<out_dir>/weak`).
     """
 
     log_eval_to_logger = False
@@ -117,6 +119,7 @@ class MergeSearch(LabelScoringModule):
         min_weak_examples: int = 32,
         on_test_overlap: Literal["error", "drop"] = "error",
         evaluate_test: bool = True,
+        weak_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -145,6 +148,7 @@ class MergeSearch(LabelScoringModule):
         self.pad_id = self.tokenizer.pad_token_id
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
         self.out_dir = Path(out_dir)
+        self.weak_dir = Path(weak_dir) if weak_dir is not None else self.out_dir / "weak"
         self.strict_loading = False
 
     def _group_members(self, groups: dict[str, list[str]] | None) -> dict[str, list[int]]:
@@ -189,9 +193,10 @@ class MergeSearch(LabelScoringModule):
     # ---- weak data ---------------------------------------------------------------------------------------------
 
     def mine_weak_data(self, trainer: L.Trainer) -> list[TaskSpec]:
-        """Writes each expert's weak data (its mispredicted training examples) unless already there for the same
-        expert weights; returns the weak-data specs in expert order."""
-        weak_dir = self.out_dir / "weak"
+        """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
+        (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
+        for the same expert weights; returns the weak-data specs in expert order."""
+        weak_dir = self.weak_dir
         summary_path = weak_dir / "summary.yaml"
         summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
         specs = []
@@ -200,7 +205,8 @@ class MergeSearch(LabelScoringModule):
             fingerprint = _sha(path / "adapter_model.safetensors")
             key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
                    "min_weak_examples": self.hparams.min_weak_examples}
-            if not (out.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
+            loss_path = weak_dir / f"{spec.name}.example_loss.json"
+            if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
                 onehot = torch.zeros(self.model.n_experts)
                 onehot[t] = 1.0
                 self.set_coefficients(onehot)
@@ -211,6 +217,8 @@ class MergeSearch(LabelScoringModule):
                 summary[spec.name] = {**key, **info}
                 if trainer.is_global_zero:
                     write_jsonl_atomic(out, rows)
+                    losses = {r["id"]: round(gold_loss(r), 6) for r in sorted(records, key=lambda r: r["id"])}
+                    write_atomic(loss_path, json.dumps(losses).encode())
                     write_atomic(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
                 trainer.strategy.barrier()
                 log.info("weak data of '%s': %d mispredicted + %d low-margin of %d training examples", spec.name,

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def margin(record: dict) -> float:
     scores = record["scores"]
     gold = scores[record["gold"]]
     return gold - max(v for k, v in scores.items() if k != record["gold"])
+
+
+def gold_loss(record: dict) -> float:
+    """Returns -log p(gold) under a softmax over the labels' scores: the expert's loss on one example."""
+    scores = list(record["scores"].values())
+    top = max(scores)
+    log_z = top + math.log(sum(math.exp(v - top) for v in scores))
+    return log_z - record["scores"][record["gold"]]
 
 
 def select_weak(

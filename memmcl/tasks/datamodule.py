@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, select_demonstrations
 from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
@@ -20,11 +23,14 @@ from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
 IGNORE_INDEX = -100
 
 
-def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int) -> list[dict]:
-    """Returns one item per example: its prompt ids, every label's answer ids, the gold label and identifiers."""
+def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int,
+                    demos_for: Callable[[Example], list] | None = None) -> list[dict]:
+    """Returns one item per example: its prompt ids (with `demos_for(example)` demonstrations), every label's answer
+    ids, the gold label and identifiers."""
     answers = [answer_ids(tokenizer, a) for a in spec.answers]
     return [
-        {"task": task_index, "id": e.id, "label": e.label, "prompt": build_prompt(tokenizer, spec, e, max_length), "answers": answers}
+        {"task": task_index, "id": e.id, "label": e.label, "answers": answers,
+         "prompt": build_prompt(tokenizer, spec, e, max_length, demos_for(e) if demos_for else ())}
         for e in examples
     ]
 
@@ -127,6 +133,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         samples_per_epoch: training samples per epoch (default: all training examples once).
         predict_split: the split `predict` runs over.
         seed: sampling seed.
+        demonstrations: in-context demonstrations per evaluation prompt (validation / test / predict; never train),
+            drawn from training data only (see `memmcl.curriculum.demonstrations`).
+        demo_order: `curriculum` (easy → hard), `random` or `none`.
+        demo_scope: draw demonstrations from the query's task (`task`) or from every task of its group (`group`).
+        demo_losses: a folder of `<task>.example_loss.json` files ({example id: expert loss}, written by weak-data
+            mining) that rank examples by difficulty; without it, shorter inputs count as easier.
+        difficulty_file: a `difficulty.json` whose `order` ranks tasks easy → hard (for `demo_scope: group`).
     """
 
     def __init__(
@@ -141,8 +154,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         predict_split: str = "test",
         seed: int = 0,
+        demonstrations: int = 0,
+        demo_order: DemoOrder = "curriculum",
+        demo_scope: DemoScope = "task",
+        demo_losses: str | None = None,
+        difficulty_file: str | None = None,
     ):
         super().__init__()
+        if demonstrations < 0:
+            raise TaskError(f"data.demonstrations={demonstrations}: expected a count >= 0")
+        self.demonstrations, self.demo_order, self.demo_scope = demonstrations, demo_order, demo_scope
+        self.demo_losses, self.difficulty_file = demo_losses, difficulty_file
         if not tasks:
             raise TaskError("data.tasks is empty; expected at least one task name or spec path")
         self.backbone, self.max_length, self.seed = backbone, max_length, seed
@@ -163,15 +185,46 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.items:
             return
         self.tokenizer = load_tokenizer(self.backbone, padding_side="left")
-        for t, spec in enumerate(self.specs):
+        for spec in self.specs:
             splits, duplicates = read_task(spec)
             if self.max_train_examples:
                 splits["train"] = splits["train"][: self.max_train_examples]
             self.examples[spec.name] = splits
             if "train" in splits:  # a validation-only task (weak data) has no training metadata
                 self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
-            for split, examples in splits.items():
-                self.items.setdefault(split, []).extend(encode_examples(self.tokenizer, spec, t, examples, self.max_length))
+        demos_for = self._demonstration_source()
+        for t, spec in enumerate(self.specs):
+            for split, examples in self.examples[spec.name].items():
+                source = partial(demos_for, spec.name) if demos_for and split != "train" else None
+                self.items.setdefault(split, []).extend(encode_examples(self.tokenizer, spec, t, examples, self.max_length, source))
+
+    def _demonstration_source(self) -> Callable | None:
+        """Returns f(task, example) -> demonstrations for evaluation prompts, or None without demonstrations."""
+        if not self.demonstrations or self.demo_order == "none":
+            return None
+        specs = {s.name: s for s in self.specs}
+        train = {n: splits["train"] for n, splits in self.examples.items() if "train" in splits}
+        missing = sorted(set(specs) - set(train))
+        if missing:
+            raise TaskError(f"data.demonstrations={self.demonstrations}: task(s) {missing} have no train split to draw from")
+        losses = {}
+        if self.demo_losses is not None:
+            for name in specs:
+                path = Path(self.demo_losses) / f"{name}.example_loss.json"
+                if path.exists():
+                    losses[name] = json.loads(path.read_text())
+        task_order = None
+        if self.difficulty_file is not None:
+            path = Path(self.difficulty_file)
+            if not path.exists():
+                raise TaskError(f"data.difficulty_file: {path} does not exist; expected a difficulty.json from memmcl pipeline")
+            task_order = json.loads(path.read_text())["order"]
+
+        def demos_for(task: str, example: Example) -> list:
+            return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
+                                         self.demo_scope, task_order, losses, self.seed)
+
+        return demos_for
 
     @property
     def metadata(self) -> dict[str, TaskMetadata]:
@@ -235,9 +288,12 @@ class TaskDataModule(MultiTaskDataModule):
         max_train_examples: int | None = None,
         predict_split: str = "test",
         seed: int = 0,
+        demonstrations: int = 0,
+        demo_order: DemoOrder = "curriculum",
+        demo_losses: str | None = None,
     ):
         super().__init__([task], backbone, max_length, batch_size, eval_batch_size, num_workers, max_train_examples,
-                         None, predict_split, seed)
+                         None, predict_split, seed, demonstrations, demo_order, "task", demo_losses)
 
     @property
     def spec(self) -> TaskSpec:

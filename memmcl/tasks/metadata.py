@@ -23,6 +23,7 @@ class TaskMetadata:
     label_entropy: float  # bits, of the training label distribution
     label_entropy_norm: float  # entropy / log2(n_classes), in [0, 1]
     imbalance: float  # most frequent / least frequent class count in train (inf if a class is absent)
+    class_counts: dict  # training examples per label
     input_tokens_mean: float
     input_tokens_p95: float
     type_token_ratio: float  # moving-average TTR over windows of 50 words, so it does not depend on split size
@@ -80,6 +81,7 @@ def compute_metadata(spec: TaskSpec, splits: dict[str, list[Example]], tokenizer
         label_entropy=h,
         label_entropy_norm=h_norm,
         imbalance=imbalance,
+        class_counts={label: counts.get(i, 0) for i, label in enumerate(spec.labels)},
         input_tokens_mean=sum(lengths) / len(lengths),
         input_tokens_p95=_percentile(lengths, 0.95),
         type_token_ratio=moving_type_token_ratio([e.text for e in train]),

@@ -1,0 +1,71 @@
+"""Curriculum in-context learning: k demonstrations from training data, put in the prompt easy → hard.
+
+For a query of task t, the pool is t's training split (`scope: task`) or the training splits of every task of t's
+group (`scope: group`). k examples are drawn from it with a seed that depends on the query, labels taken in turn so
+every label shows up when k allows. They are then ordered:
+- `curriculum`: by task difficulty (easy tasks first, for a group pool), then by per-example difficulty (the expert's
+  loss on the gold label when known, else input length), easy first;
+- `random`: a seeded shuffle of the same k examples (the ablation);
+- `none`: no demonstrations.
+Validation and test data never enter a pool.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Literal
+
+from memmcl.tasks.prompts import Demonstration
+from memmcl.tasks.spec import Example, TaskError, TaskSpec
+
+DemoOrder = Literal["curriculum", "random", "none"]
+DemoScope = Literal["task", "group"]
+
+
+def example_difficulty(example: Example, losses: Mapping[str, float] | None) -> float:
+    """Returns an example's difficulty: its recorded expert loss, else its input length in characters."""
+    if losses is not None and example.id in losses:
+        return float(losses[example.id])
+    return float(len(example.text))
+
+
+def select_demonstrations(
+    query: Example,
+    task: str,
+    specs: Mapping[str, TaskSpec],
+    train: Mapping[str, list[Example]],
+    k: int,
+    order: DemoOrder = "curriculum",
+    scope: DemoScope = "task",
+    task_order: list[str] | None = None,
+    losses: Mapping[str, Mapping[str, float]] | None = None,
+    seed: int = 0,
+) -> list[Demonstration]:
+    """Returns k demonstrations for `query` of `task`, drawn from `train` only and put in `order`."""
+    if order == "none" or k <= 0:
+        return []
+    spec = specs[task]
+    members = [t for t in specs if specs[t].group == spec.group and t in train] if scope == "group" else [task]
+    if task not in train:
+        raise TaskError(f"task '{task}': in-context demonstrations need its train split, which was not loaded")
+    pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
+    rng = random.Random(f"{seed}:{task}:{query.id}")
+    rng.shuffle(pool)
+    by_label: dict[tuple[str, int], list[tuple[str, Example]]] = {}
+    for t, e in pool:
+        by_label.setdefault((t, e.label), []).append((t, e))
+    queues = list(by_label.values())
+    picked: list[tuple[str, Example]] = []
+    while len(picked) < k and any(queues):
+        for q in queues:
+            if q and len(picked) < k:
+                picked.append(q.pop())
+    if order == "curriculum":
+        rank = {t: i for i, t in enumerate(task_order or [])}
+        picked.sort(key=lambda te: (rank.get(te[0], len(rank)), example_difficulty(te[1], (losses or {}).get(te[0]))))
+    elif order == "random":
+        rng.shuffle(picked)
+    else:
+        raise TaskError(f"demonstration order '{order}': expected one of curriculum, random, none")
+    return [Demonstration(e.text, specs[t].answers[e.label], e.aspect) for t, e in picked]
