@@ -15,16 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# Until `memmcl pipeline` exists, the demo runs the furthest phase that does: one LoRA expert on the embedded
-# sc_binary task (fit, then test and predict with the exported adapter).
-DEMO_RUN := runs/expert/sc_binary/demo
+# The whole method on the embedded suite with the tiny offline backbone: experts, weak data, difficulty, merges,
+# evaluation and report in runs/demo (finished phases are skipped on a re-run).
 demo: venv
-	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl fit --config configs/demo/expert.yaml --trainer.logger.init_args.version=demo
-	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl test --config configs/demo/expert.yaml --trainer.logger.init_args.version=demo-test \
-		--model.init_args.adapter=$(DEMO_RUN)/expert
-	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl predict --config configs/demo/expert.yaml --trainer.logger.init_args.version=demo-predict \
-		--model.init_args.adapter=$(DEMO_RUN)/expert
-	@echo "expert: $(DEMO_RUN)/expert  predictions: runs/expert/sc_binary/predictions.jsonl  tensorboard --logdir runs/expert"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline.yaml
 
 test: venv
 	# pytest exit code 5 (no tests collected) is not a failure.

@@ -69,11 +69,56 @@ class MemmclCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
 
 
+def pipeline_main(args: list[str]) -> None:
+    """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 10 ...]`: the whole method."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from memmcl.pipeline import Pipeline
+
+    parser = ArgumentParser(prog="memmcl pipeline", description=Pipeline.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/demo/pipeline.yaml)")
+    parser.add_class_arguments(Pipeline)
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    pipeline = Pipeline(**{k: v for k, v in init.items() if k != "config"})
+    if pipeline.run_dir.is_dir() or not pipeline.run_dir.exists():
+        pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        parser.save(cfg, str(pipeline.run_dir / "config.yaml"), overwrite=True, skip_check=True)
+    results = pipeline.run()
+    if rank_zero_only.rank == 0:
+        means = results["means"]
+        width = max(len(m) for m in means)
+        print("\n".join([f"mean test accuracy over {len(results['groups'])} tasks:",
+                         *(f"  {m:{width}s} {v['overall']:.3f}" for m, v in means.items()),
+                         f"report: {pipeline.run_dir / 'report' / 'report.md'}",
+                         f"tensorboard --logdir {pipeline.run_dir / 'tensorboard'}"]))
+
+
+def report_main(args: list[str]) -> None:
+    """`memmcl report RUN_DIR`: re-renders RUN_DIR/report/report.md and its plots."""
+    from jsonargparse import ArgumentParser
+
+    from memmcl.report import write_report
+
+    parser = ArgumentParser(prog="memmcl report", description="Re-renders report.md and PNG plots of a pipeline run.")
+    parser.add_argument("run_dir", type=str, help="a run directory written by memmcl pipeline (runs/<name>)")
+    print(write_report(parser.parse_args(args).run_dir))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `memmcl` console script."""
+    import sys
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if args is None else args)
+    # The method's whole-run verbs have their own parsers (no single model or datamodule to configure).
+    if argv and argv[0] in ("pipeline", "report"):
+        return (pipeline_main if argv[0] == "pipeline" else report_main)(argv[1:])
     MemmclCLI(args=args)
 
 

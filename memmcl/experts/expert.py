@@ -83,11 +83,13 @@ class LabelScoringModule(L.LightningModule):
             values = metric.compute()
             metric.reset()
             results[spec.name] = {k: float(v) for k, v in values.items()}
-            self.log(f"{split}/{spec.name}/acc", values["acc"], rank_zero_only=True, logger=self.log_eval_to_logger)
-            self.log(f"{split}/{spec.name}/f1", values["f1"], rank_zero_only=True, logger=self.log_eval_to_logger)
+            # Already synced by torchmetrics, so equal on every rank: logged everywhere, callbacks (EarlyStopping,
+            # ModelCheckpoint) see the same value on each rank.
+            self.log(f"{split}/{spec.name}/acc", results[spec.name]["acc"], logger=self.log_eval_to_logger)
+            self.log(f"{split}/{spec.name}/f1", results[spec.name]["f1"], logger=self.log_eval_to_logger)
         if results:
             mean = sum(r["acc"] for r in results.values()) / len(results)
-            self.log(f"{split}/acc", mean, prog_bar=True, rank_zero_only=True, logger=self.log_eval_to_logger)
+            self.log(f"{split}/acc", mean, prog_bar=True, logger=self.log_eval_to_logger)
         self.results[split] = results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

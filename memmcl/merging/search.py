@@ -91,6 +91,8 @@ class MergeSearch(LabelScoringModule):
         on_test_overlap: `error` (default) or `drop` weak examples whose content equals a test example's.
         evaluate_test: after the search, score base / uniform / group / global merges on the test splits.
         weak_dir: where weak data goes (default `<out_dir>/weak`).
+        weak_anchor_ratio: add this many correctly predicted training examples per weak example (0: the method as
+            published, mistakes only; see `select_weak`).
     """
 
     log_eval_to_logger = False
@@ -120,6 +122,7 @@ class MergeSearch(LabelScoringModule):
         on_test_overlap: Literal["error", "drop"] = "error",
         evaluate_test: bool = True,
         weak_dir: str | None = None,
+        weak_anchor_ratio: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -204,7 +207,7 @@ class MergeSearch(LabelScoringModule):
             out = weak_dir / f"{spec.name}.jsonl"
             fingerprint = _sha(path / "adapter_model.safetensors")
             key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
-                   "min_weak_examples": self.hparams.min_weak_examples}
+                   "min_weak_examples": self.hparams.min_weak_examples, "anchor_ratio": self.hparams.weak_anchor_ratio}
             loss_path = weak_dir / f"{spec.name}.example_loss.json"
             if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
                 onehot = torch.zeros(self.model.n_experts)
@@ -213,7 +216,8 @@ class MergeSearch(LabelScoringModule):
                 dm = self._datamodule([spec], predict_split="train")
                 records = gather_records([r for batch in trainer.predict(self, datamodule=dm) for r in batch])
                 rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.min_weak_examples,
-                                         self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap)
+                                         self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap,
+                                         self.hparams.weak_anchor_ratio)
                 summary[spec.name] = {**key, **info}
                 if trainer.is_global_zero:
                     write_jsonl_atomic(out, rows)

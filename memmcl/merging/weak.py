@@ -57,6 +57,7 @@ def select_weak(
     seed: int = 0,
     max_examples: int | None = None,
     on_test_overlap: str = "error",
+    anchor_ratio: float = 0.0,
 ) -> tuple[list[dict], dict]:
     """Returns (weak rows, summary) from an expert's predictions on its own training split.
 
@@ -81,6 +82,10 @@ def select_weak(
     chosen = wrong + top_up
     if max_examples is not None and len(chosen) > max_examples:
         chosen = random.Random(seed).sample(chosen, max_examples)
+    taken = {r["id"] for r in chosen}
+    rest = [r for r in right if r["id"] not in taken]
+    anchors = random.Random(seed + 1).sample(rest, min(len(rest), round(anchor_ratio * len(chosen)))) if anchor_ratio > 0 else []
+    chosen = chosen + anchors
     rows = []
     for r in sorted(chosen, key=lambda r: r["id"]):
         e = by_id[r["id"]]
@@ -95,7 +100,7 @@ def select_weak(
                 f"(e.g. id '{overlap[0]['id']}'); deduplicate train against test, or set on_test_overlap: drop")
         log.warning("task '%s': dropped %d weak example(s) that duplicate test examples", spec.name, len(overlap))
         rows = [row for row in rows if row["hash"] not in test]
-    summary = {"train": len(train), "wrong": len(wrong), "low_margin": len(top_up), "weak": len(rows),
+    summary = {"train": len(train), "wrong": len(wrong), "low_margin": len(top_up), "anchors": len(anchors), "weak": len(rows),
                "test_overlap_dropped": len(overlap)}
     return rows, summary
 

@@ -1,0 +1,437 @@
+"""`memmcl pipeline`: the whole method over one run directory, phase by phase, each skipped when already done.
+
+    runs/<name>/
+      config.yaml                 the configuration of the latest run
+      data/metadata.json          per-task difficulty metadata
+      experts/<task>/expert/      LoRA expert (peft adapter + expert.yaml) and metrics.json
+      weak/                       weak data and per-example expert losses (MergeSearch.mine_weak_data)
+      difficulty/                 difficulty.json (order easy -> hard, scores, features) and difficulty.md
+      merge/                      best_genome.yaml, stages/<stage>/, merged/ (MergeSearch)
+      eval/results.json           test accuracy / macro-F1 of every model on every task
+      report/                     report.md and PNG plots (memmcl report)
+      tensorboard/                experts/<task>, merge, difficulty, eval
+
+A phase is done when its folder holds `.phase.json` with the hash of everything the phase depends on (its own
+settings and its inputs' hashes). A re-run skips done phases, so a killed run resumes at the phase it was in (a merge
+search resumes at its last finished generation); a changed setting re-runs that phase and the ones that depend on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from memmcl.curriculum.demonstrations import DemoScope
+from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
+from memmcl.experts.backbone import Dtype
+from memmcl.experts.expert import LoRAExpert, write_atomic
+from memmcl.merging.methods import MergeMethod
+from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.tasks.datamodule import MultiTaskDataModule
+from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
+
+log = logging.getLogger(__name__)
+PHASE_FILE = ".phase.json"
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of every Trainer the pipeline builds (`--trainer.strategy ddp --trainer.devices 2` for DDP)."""
+
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class ExpertConfig:
+    """LoRA SFT of one expert per task (see `LoRAExpert`); training stops early once validation accuracy reaches
+    `stop_at_accuracy` (null: never)."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "constant"] = "constant"
+    max_epochs: int = 40
+    batch_size: int = 16
+    stop_at_accuracy: float | None = 0.97
+    max_train_examples: int | None = None
+    gradient_checkpointing: bool = False
+    workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
+
+
+@dataclass
+class MergeConfig:
+    """The evolutionary merge (see `MergeSearch` for each field)."""
+
+    algorithm: Literal["cmaes", "ga"] = "cmaes"
+    population: int = 8
+    generations: int = 6
+    sigma: float = 0.3
+    bounds: tuple[float, float] = (0.0, 2.0)
+    blocks: int = 1
+    method: MergeMethod = "linear"
+    density: float = 0.5
+    max_weak_examples: int | None = 64
+    min_weak_examples: int = 32
+    weak_anchor_ratio: float = 0.0
+    task_weights: dict[str, float] | None = None
+    groups: dict[str, list[str]] | None = None
+
+
+@dataclass
+class DemoConfig:
+    """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none)."""
+
+    k: int = 4
+    scope: DemoScope = "task"
+    max_length: int = 384
+
+
+def config_hash(obj) -> str:
+    """Returns a short, stable hash of a JSON-able object (the key that decides whether a phase is done)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for split in splits:
+        if split in spec.splits:
+            path = spec.split_path(split)
+            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if f.is_file():
+                    digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _write_json(path: Path, data) -> None:
+    if rank_zero_only.rank == 0:
+        write_atomic(path, json.dumps(data, indent=1, default=str).encode())
+
+
+class Pipeline:
+    """MEM-MCL end to end: experts → weak data → difficulty → group merges → global merge → evaluation → report.
+
+    Args:
+        name: the run directory is `<root>/<name>`.
+        backbone: registered name (`tiny`), local HF model directory, or hub name already in the local cache.
+        tasks: shipped task names or task spec YAML paths (default: every shipped task).
+        max_length: prompt + answer tokens for training and zero-shot evaluation.
+        difficulty_weights: feature weights of the task difficulty score (default `DEFAULT_WEIGHTS`).
+    """
+
+    def __init__(
+        self,
+        name: str = "demo",
+        root: str = "runs",
+        backbone: str = "tiny",
+        dtype: Dtype = "float32",
+        tasks: list[str] | None = None,
+        seed: int = 0,
+        max_length: int = 128,
+        eval_batch_size: int = 32,
+        expert: ExpertConfig | None = None,
+        merge: MergeConfig | None = None,
+        difficulty_weights: dict[str, float] | None = None,
+        demonstrations: DemoConfig | None = None,
+        trainer: TrainerConfig | None = None,
+    ):
+        self.name, self.backbone, self.dtype, self.seed = name, backbone, dtype, seed
+        self.max_length, self.eval_batch_size = max_length, eval_batch_size
+        self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
+        self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
+        self.difficulty_weights = difficulty_weights
+        self.specs = load_task_specs(list(tasks or embedded_task_names()))
+        self.run_dir = Path(root) / name
+        self.phases: dict[str, dict] = {}
+        self._search: MergeSearch | None = None
+
+    # ---- phase bookkeeping ---------------------------------------------------------------------------------------
+
+    def _done(self, phase_dir: Path, key: str) -> dict | None:
+        marker = phase_dir / PHASE_FILE
+        if marker.exists():
+            data = json.loads(marker.read_text())
+            if data.get("key") == key:
+                return data
+        return None
+
+    def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
+        record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
+        _write_json(phase_dir / PHASE_FILE, record)
+        self.phases[phase] = {**record, "skipped": False}
+
+    def _skip(self, phase: str, marker: dict) -> None:
+        if phase in self.phases:  # done by this run (in a worker process)
+            return
+        log.info("phase %s: done before with the same settings, skipped", phase)
+        self.phases[phase] = {**marker, "skipped": True}
+
+    def _trainer(self, logger_version: str | None, quiet: bool = False, **kwargs) -> L.Trainer:
+        """Returns a Trainer with the run's settings; `quiet` hides the per-call bars of many short evaluations."""
+        t = self.trainer_config
+        logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version=logger_version,
+                                   default_hp_metric=False) if logger_version else False
+        return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+                         logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0, **kwargs)
+
+    # ---- phases --------------------------------------------------------------------------------------------------
+
+    def data_phase(self) -> dict:
+        """Per-task metadata (class counts, label entropy, input length, lexical diversity) into data/metadata.json."""
+        out = self.run_dir / "data"
+        key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples,
+                           [(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs]])
+        if marker := self._done(out, key):
+            self._skip("data", marker)
+            return json.loads((out / "metadata.json").read_text())
+        started = time.time()
+        dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
+                                 max_train_examples=self.expert.max_train_examples)
+        dm.setup()
+        metadata = {name: m.to_dict() for name, m in dm.metadata.items()}
+        for spec in self.specs:
+            labels = Counter(e.label for e in dm.examples[spec.name]["test"])
+            metadata[spec.name]["majority_test"] = max(labels.values()) / sum(labels.values())
+        _write_json(out / "metadata.json", metadata)
+        self._finish("data", out, key, started)
+        return metadata
+
+    def expert_key(self, spec: TaskSpec) -> str:
+        settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}  # how, not what, is trained
+        return config_hash([self.backbone, self.dtype, self.seed, self.max_length, settings, spec.to_dict(),
+                            _files_hash(spec, ("train", "validation"))])
+
+    def expert_phase(self, spec: TaskSpec) -> dict:
+        """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
+        out = self.run_dir / "experts" / spec.name
+        key = self.expert_key(spec)
+        if marker := self._done(out, key):
+            self._skip(f"expert:{spec.name}", marker)
+            return json.loads((out / "metrics.json").read_text())
+        started = time.time()
+        if rank_zero_only.rank == 0 and out.exists():
+            shutil.rmtree(out)
+        e = self.expert
+        L.seed_everything(self.seed, verbose=False)  # each expert's run depends on its settings only, not on skips
+        model = LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+                           lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
+                           warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
+                           gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
+        dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
+                                 eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples, seed=self.seed)
+        callbacks = []
+        if e.stop_at_accuracy is not None:
+            callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,
+                                           patience=e.max_epochs + 1, verbose=False))
+        trainer = self._trainer(f"experts/{spec.name}", max_epochs=e.max_epochs, check_val_every_n_epoch=1,
+                                callbacks=callbacks, log_every_n_steps=10)
+        trainer.fit(model, dm)
+        metrics = {**model.results["val"][spec.name], "epochs": trainer.current_epoch,
+                   "seconds": round(time.time() - started, 2), "train_examples": len(dm.examples[spec.name]["train"])}
+        _write_json(out / "metrics.json", metrics)
+        trainer.strategy.barrier()
+        self._finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
+        return metrics
+
+    def parallel_experts(self) -> None:
+        """Trains the experts not yet done in `expert.workers` processes (one CPU device only: a tiny model's step
+        is mostly per-op overhead, so two single-thread processes train ~1.8x faster than one with two threads)."""
+        t = self.trainer_config
+        pending = [s for s in self.specs if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s))]
+        if self.expert.workers <= 1 or len(pending) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
+                or str(t.devices) != "1":
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(self.expert.workers, len(pending))
+        threads = max(1, torch.get_num_threads() // workers)
+        worker_view = copy.copy(self)
+        worker_view.trainer_config = dataclasses.replace(t, progress_bar=False)
+        log.info("training %d experts in %d processes of %d thread(s)", len(pending), workers, threads)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:
+            jobs = [(s.name, pool.submit(_expert_job, worker_view, s)) for s in pending]
+            for name, job in jobs:
+                self.phases[f"expert:{name}"] = job.result()
+
+    def search(self) -> MergeSearch:
+        """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
+        if self._search is None:
+            m = self.merge
+            self._search = MergeSearch(
+                experts=[str(self.run_dir / "experts" / s.name / "expert") for s in self.specs],
+                out_dir=str(self.run_dir / "merge"), weak_dir=str(self.run_dir / "weak"), backbone=self.backbone,
+                dtype=self.dtype, algorithm=m.algorithm, population=m.population, generations=m.generations,
+                sigma=m.sigma, bounds=m.bounds, blocks=m.blocks, seed=self.seed, method=m.method, density=m.density,
+                task_weights=m.task_weights, groups=m.groups, max_length=self.max_length,
+                eval_batch_size=self.eval_batch_size, max_weak_examples=m.max_weak_examples,
+                min_weak_examples=m.min_weak_examples, weak_anchor_ratio=m.weak_anchor_ratio, evaluate_test=False)
+        return self._search
+
+    def weak_phase(self, expert_keys: dict[str, str]) -> dict:
+        """Each expert's weak data (mistakes on its own training split, topped up) into weak/; returns the summary."""
+        out = self.run_dir / "weak"
+        key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
+                           self.merge.weak_anchor_ratio])
+        if marker := self._done(out, key):
+            self._skip("weak", marker)
+        else:
+            started = time.time()
+            self.search().mine_weak_data(self._trainer(None, quiet=True))
+            self._finish("weak", out, key, started)
+        return yaml.safe_load((out / "summary.yaml").read_text())
+
+    def difficulty_phase(self, metadata: dict, expert_metrics: dict, weak: dict) -> dict:
+        """Scores task difficulty from metadata + expert error + weak-data rate into difficulty/; returns it."""
+        out = self.run_dir / "difficulty"
+        features = {s.name: task_features(metadata[s.name], expert_metrics[s.name]["acc"],
+                                          weak[s.name]["wrong"] / weak[s.name]["train"]) for s in self.specs}
+        key = config_hash([features, self.difficulty_weights])
+        if marker := self._done(out, key):
+            self._skip("difficulty", marker)
+            return json.loads((out / "difficulty.json").read_text())
+        started = time.time()
+        difficulty = difficulty_scores(features, self.difficulty_weights)
+        record = {**difficulty.to_dict(), "features": features, "groups": {s.name: s.group for s in self.specs}}
+        _write_json(out / "difficulty.json", record)
+        if rank_zero_only.rank == 0:
+            table = format_difficulty_table(difficulty, record["groups"])
+            write_atomic(out / "difficulty.md", (table + "\n").encode())
+            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="difficulty", default_hp_metric=False)
+            for rank, task in enumerate(difficulty.order()):
+                logger.experiment.add_scalar(f"difficulty/{task}", difficulty.scores[task], rank)
+            logger.experiment.add_text("difficulty/order", table)
+            logger.finalize("success")
+        self._finish("difficulty", out, key, started)
+        return record
+
+    def merge_phase(self, expert_keys: dict[str, str]) -> tuple[str, dict]:
+        """Group searches, then the global search, into merge/; returns (key, best_genome record)."""
+        out = self.run_dir / "merge"
+        key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
+        if marker := self._done(out, key):
+            self._skip("merge", marker)
+            return key, yaml.safe_load((out / GENOME_FILE).read_text())
+        started = time.time()
+        started_file = out / ".started.json"
+        resume = started_file.exists() and json.loads(started_file.read_text()).get("key") == key
+        _write_json(started_file, {"key": key})
+        trainer = self._trainer("merge")
+        record = self.search().run(trainer, resume=resume)
+        self._finish("merge", out, key, started, resumed=resume,
+                     fitness={s: r["fitness"] for s, r in record["stages"].items()})
+        return key, record
+
+    def eval_phase(self, merge_key: str, record: dict, difficulty: dict, metadata: dict) -> dict:
+        """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
+        with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
+        out = self.run_dir / "eval"
+        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.eval_batch_size])
+        if marker := self._done(out, key):
+            self._skip("eval", marker)
+            return json.loads((out / "results.json").read_text())
+        started = time.time()
+        search = self.search()
+        trainer = self._trainer(None, quiet=True)
+        B, T = self.merge.blocks, len(self.specs)
+        coef = search._coef_matrix
+        models = {"base": torch.zeros(B, T), "uniform": torch.full((B, T), 1.0 / T)}
+        for stage, r in record["stages"].items():
+            if stage != "global":
+                models[f"evolved_{stage}"] = coef(r["coefficients"])
+        models["evolved_global"] = coef(record["coefficients"])
+
+        def dm(specs, **kw):
+            return MultiTaskDataModule(specs, backbone=self.backbone, max_length=kw.pop("max_length", self.max_length),
+                                       eval_batch_size=self.eval_batch_size, seed=self.seed, **kw)
+
+        results: dict[str, dict] = {}
+        plain = dm(self.specs)
+        for name, c in models.items():
+            results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
+        results["expert"] = {}
+        for t, spec in enumerate(self.specs):
+            onehot = torch.zeros(B, T)
+            onehot[:, t] = 1.0
+            results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
+        if self.demos.k > 0:
+            for order in ("curriculum", "random"):
+                icl = dm(self.specs, max_length=self.demos.max_length, demonstrations=self.demos.k, demo_order=order,
+                         demo_scope=self.demos.scope, demo_losses=str(self.run_dir / "weak"),
+                         difficulty_file=str(self.run_dir / "difficulty" / "difficulty.json"))
+                suffix = "" if order == "curriculum" else "_random"
+                results[f"evolved_global+icl{suffix}"] = dict(search.evaluate(trainer, models["evolved_global"], icl, split="test"))
+        groups = {s.name: s.group for s in self.specs}
+        summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
+                   "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
+                   "demonstrations": asdict(self.demos)}
+        _write_json(out / "results.json", summary)
+        if rank_zero_only.rank == 0:
+            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="eval", default_hp_metric=False)
+            for step, m in enumerate(results):
+                logger.experiment.add_scalar("eval/mean_acc", summary["means"][m]["overall"], step)
+                for task, r in results[m].items():
+                    logger.experiment.add_scalar(f"eval/{m}/{task}/acc", r["acc"], 0)
+            logger.finalize("success")
+        self._finish("eval", out, key, started)
+        return summary
+
+    # ---- the whole run -------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Runs every phase not already done; writes config.yaml, eval/results.json and report/; returns the results."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        metadata = self.data_phase()
+        self.parallel_experts()
+        expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
+        expert_keys = {s.name: self.expert_key(s) for s in self.specs}
+        weak = self.weak_phase(expert_keys)
+        difficulty = self.difficulty_phase(metadata, expert_metrics, weak)
+        merge_key, record = self.merge_phase(expert_keys)
+        results = self.eval_phase(merge_key, record, difficulty, metadata)
+        if rank_zero_only.rank == 0:
+            _write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1)})
+            from memmcl.report import write_report
+
+            write_report(self.run_dir)
+        return results
+
+
+def _expert_job(pipeline: Pipeline, spec: TaskSpec) -> dict:
+    """Trains one expert in a worker process; returns its phase record."""
+    pipeline.expert_phase(spec)
+    return pipeline.phases[f"expert:{spec.name}"]
+
+
+def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:
+    """Returns mean accuracy overall and per group over the tasks present in `per_task`."""
+    out = {"overall": sum(r["acc"] for r in per_task.values()) / len(per_task)}
+    for g in dict.fromkeys(groups[t] for t in per_task):
+        accs = [r["acc"] for t, r in per_task.items() if groups[t] == g]
+        out[g] = sum(accs) / len(accs)
+    return out

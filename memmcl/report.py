@@ -1,0 +1,185 @@
+"""`memmcl report RUN_DIR`: report.md and PNG plots from a pipeline run directory (re-rendered from its files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from memmcl.experts.expert import write_atomic
+
+# Columns of the accuracy table, in the method's order; a column shows only when the run evaluated it.
+MODEL_COLUMNS = {
+    "base": "base (zero-shot)",
+    "expert": "expert",
+    "uniform": "uniform merge",
+    "evolved_group": "evolved group merge",
+    "evolved_global": "evolved global merge",
+    "evolved_global+icl": "global + curriculum ICL",
+    "evolved_global+icl_random": "global + random-order ICL",
+}
+
+
+class ReportError(ValueError):
+    """A run directory that lacks what a report needs; the message names the file."""
+
+
+def _load(path: Path, what: str):
+    if not path.exists():
+        raise ReportError(f"{path}: missing; {what}")
+    return json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+
+
+def accuracy_matrix(results: dict, metric: str = "acc") -> dict[str, dict[str, float]]:
+    """Returns {column: {task: value}} with the evolved group merge read on each task of its own group."""
+    models, groups = results["models"], results["groups"]
+    out: dict[str, dict[str, float]] = {}
+    for column in MODEL_COLUMNS:
+        if column == "evolved_group":
+            values = {t: models[f"evolved_{g}"][t][metric] for t, g in groups.items() if f"evolved_{g}" in models}
+        elif column in models:
+            values = {t: r[metric] for t, r in models[column].items()}
+        else:
+            continue
+        if values:
+            out[column] = values
+    return out
+
+
+def markdown_table(matrix: dict[str, dict[str, float]], groups: dict[str, str], majority: dict[str, float] | None = None) -> str:
+    """Returns a Markdown table: one row per task, then the mean per group and overall; one column per model."""
+    columns = list(matrix)
+    head = ["task", "group", *(["majority"] if majority else []), *(MODEL_COLUMNS[c] for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+
+    def row(label: str, group: str, tasks: list[str]) -> str:
+        cells = [label, group]
+        if majority:
+            cells.append(f"{sum(majority[t] for t in tasks) / len(tasks):.3f}")
+        for c in columns:
+            vals = [matrix[c][t] for t in tasks if t in matrix[c]]
+            cells.append(f"{sum(vals) / len(vals):.3f}" if len(vals) == len(tasks) else "")
+        return "| " + " | ".join(cells) + " |"
+
+    for t, g in groups.items():
+        lines.append(row(t, g, [t]))
+    for g in dict.fromkeys(groups.values()):
+        lines.append(row(f"**mean {g}**", g, [t for t in groups if groups[t] == g]))
+    lines.append(row("**mean**", "all", list(groups)))
+    return "\n".join(lines)
+
+
+def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    groups = results["groups"]
+    tasks = list(groups)
+    matrix = accuracy_matrix(results)
+
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 4.5))
+    width = 0.8 / len(matrix)
+    for i, (column, values) in enumerate(matrix.items()):
+        ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, [values.get(t, np.nan) for t in tasks], width,
+               label=MODEL_COLUMNS[column])
+    ax.scatter(np.arange(len(tasks)), [results["majority"][t] for t in tasks], marker="_", s=400, c="black", zorder=3,
+               label="majority class")
+    ax.set_xticks(np.arange(len(tasks)), tasks, rotation=35, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.set_title("Test accuracy per task and model")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    written.append("accuracy.png")
+
+    names = list(genome["coefficients"])
+    rows = list(genome["stages"]) + ["final"]
+    weights = np.array([[np.mean(genome["stages"][s]["coefficients"][n]) if s in genome["stages"] else np.nan for n in names]
+                        for s in rows[:-1]] + [[np.mean(genome["coefficients"][n]) for n in names]])
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 0.6 * len(rows) + 1.5))
+    im = ax.imshow(weights, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for (r, c), v in np.ndenumerate(weights):
+        if np.isfinite(v) and v != 0:
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < np.nanmax(weights) / 2 else "black")
+    fig.colorbar(im, ax=ax, label="coefficient of ΔLoRA")
+    ax.set_title("Merge weights per stage (base + Σ w·ΔLoRA)")
+    fig.tight_layout()
+    fig.savefig(out / "merge_weights.png", dpi=110)
+    plt.close(fig)
+    written.append("merge_weights.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage, result in stages.items():
+        hist = result.get("history", [])
+        line = ax.plot([h["generation"] for h in hist], [h["best"] for h in hist], marker="o", label=f"{stage} best")
+        ax.plot([h["generation"] for h in hist], [h["mean"] for h in hist], ls="--", color=line[0].get_color(), alpha=0.6,
+                label=f"{stage} mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (accuracy on weak data)")
+    ax.legend(fontsize=7)
+    ax.set_title("Fitness per generation")
+    fig.tight_layout()
+    fig.savefig(out / "fitness.png", dpi=110)
+    plt.close(fig)
+    written.append("fitness.png")
+
+    order = difficulty["order"]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.2))
+    ax.barh(range(len(order)), [difficulty["scores"][t] for t in order], color="tab:orange")
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel("difficulty score (weighted mean of z-scored features)")
+    ax.set_title("Curriculum order, easy (top) to hard")
+    fig.tight_layout()
+    fig.savefig(out / "difficulty.png", dpi=110)
+    plt.close(fig)
+    written.append("difficulty.png")
+    return written
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Renders `<run_dir>/report/report.md` and its PNG plots from the run's files; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run directory; expected one written by memmcl pipeline")
+    results = _load(run_dir / "eval" / "results.json", "run the pipeline's evaluation first (memmcl pipeline)")
+    genome = _load(run_dir / "merge" / "best_genome.yaml", "run the pipeline's merge first")
+    difficulty = _load(run_dir / "difficulty" / "difficulty.json", "run the pipeline's difficulty phase first")
+    stages = {p.parent.name: yaml.safe_load(p.read_text()) for p in sorted((run_dir / "merge" / "stages").glob("*/result.yaml"))}
+    phases = json.loads((run_dir / "phases.json").read_text()) if (run_dir / "phases.json").exists() else {}
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _plots(out, results, genome, stages, difficulty)
+    groups = results["groups"]
+    lines = [f"# MEM-MCL report: `{run_dir}`", "",
+             f"Backbone `{genome.get('backbone')}`, {len(groups)} tasks, merge method `{genome.get('method')}`."]
+    if phases:
+        lines.append(f"Wall time of the latest run: {phases.get('wall_seconds')} s.")
+    lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
+              "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
+    lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]
+    for stage, r in genome["stages"].items():
+        lines.append(f"| {stage} | {', '.join(r['members'])} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")
+    lines += ["", "Final coefficients: " + ", ".join(f"{n} {sum(v) / len(v):.3f}" for n, v in genome["coefficients"].items()),
+              "", "![merge weights](merge_weights.png) ![fitness](fitness.png)", "",
+              "## Difficulty (curriculum order, easy to hard)", ""]
+    from memmcl.curriculum.difficulty import Difficulty, format_difficulty_table
+
+    d = Difficulty(difficulty["scores"], difficulty["normalised"], difficulty["weights"])
+    lines += [format_difficulty_table(d, difficulty.get("groups")), "", "![difficulty](difficulty.png)", ""]
+    if phases.get("phases"):
+        lines += ["## Phases of the latest run", "", "| phase | seconds | skipped |", "|---|---:|---|"]
+        lines += [f"| {p} | {r.get('seconds')} | {'yes' if r.get('skipped') else 'no'} |" for p, r in phases["phases"].items()]
+        lines.append("")
+    report = out / "report.md"
+    write_atomic(report, "\n".join(lines).encode())
+    return report

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memmcl.merging.search import MergeSearch
+from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, Pipeline, TrainerConfig
+from memmcl.report import ReportError, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["sc_binary", "sc_3class", "irony"]  # SC + MAST: group searches and the global one
+
+
+def pipeline(tmp_path, tiny_dir, generations=2):
+    return Pipeline(
+        name="small", root=str(tmp_path), backbone=str(tiny_dir), tasks=TASKS, max_length=64,
+        expert=ExpertConfig(lora_r=2, lora_alpha=4, max_epochs=2, batch_size=8, max_train_examples=24),
+        merge=MergeConfig(population=4, generations=generations, max_weak_examples=12, min_weak_examples=8),
+        demonstrations=DemoConfig(k=2, max_length=160), trainer=TrainerConfig(progress_bar=False))
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir, monkeypatch):
+    def kill(self, stage, generation):
+        if stage == "MAST" and generation == 1:
+            raise Killed
+    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    first = pipeline(tmp_path, tiny_dir)
+    with pytest.raises(Killed):
+        first.run()
+    assert not (tmp_path / "small" / "merge" / ".phase.json").exists()
+    monkeypatch.undo()
+    second = pipeline(tmp_path, tiny_dir)
+    results = second.run()
+    skipped = {p for p, r in second.phases.items() if r["skipped"]}
+    assert skipped == {"data", "expert:sc_binary", "expert:sc_3class", "expert:irony", "weak", "difficulty"}
+    assert second.phases["merge"]["resumed"] is True
+    run = tmp_path / "small"
+    history = yaml.safe_load((run / "merge" / "stages" / "MAST" / "result.yaml").read_text())["history"]
+    assert [h["generation"] for h in history] == [1, 2]  # generation 1 came from the killed run's saved state
+
+    # every model of the evaluation matrix, on every task's test split
+    models = results["models"]
+    assert set(models) == {"base", "uniform", "evolved_SC", "evolved_MAST", "evolved_global", "expert",
+                           "evolved_global+icl", "evolved_global+icl_random"}
+    assert all(set(models[m]) == set(TASKS) for m in models)
+    assert results["means"]["evolved_global"]["overall"] == pytest.approx(
+        sum(models["evolved_global"][t]["acc"] for t in TASKS) / 3)
+    report = (run / "report" / "report.md").read_text()
+    assert "| **mean SC** | SC |" in report and "evolved global merge" in report
+    assert {p.name for p in (run / "report").glob("*.png")} == {"accuracy.png", "merge_weights.png", "fitness.png", "difficulty.png"}
+    difficulty = json.loads((run / "difficulty" / "difficulty.json").read_text())
+    assert sorted(difficulty["order"]) == sorted(TASKS) and "expert_error" in difficulty["weights"]
+    assert (run / "tensorboard" / "experts" / "irony").is_dir() and (run / "tensorboard" / "merge").is_dir()
+
+    # a changed merge setting re-runs merge and evaluation, not the experts
+    third = pipeline(tmp_path, tiny_dir, generations=3)
+    third.run()
+    ran = {p for p, r in third.phases.items() if not r["skipped"]}
+    assert ran == {"merge", "eval"}
+    assert third.phases["merge"]["resumed"] is False
+
+
+def test_report_names_what_is_missing(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ReportError, match=r"eval/results.json: missing"):
+        write_report(tmp_path / "run")
+    with pytest.raises(ReportError, match="no such run directory"):
+        write_report(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("pipeline*.yaml")) + sorted((ROOT / "configs").rglob("byo*.yaml")),
+                         ids=lambda p: p.name)
+def test_pipeline_configs_parse(config):
+    proc = subprocess.run([sys.executable, "-m", "memmcl", "pipeline", "--config", str(config), "--print_config"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["merge"]["population"] >= 2
