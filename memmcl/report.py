@@ -82,7 +82,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     tasks = list(groups)
     matrix = accuracy_matrix(results)
 
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 5.5))
     width = 0.8 / len(matrix)
     for i, (column, values) in enumerate(matrix.items()):
         ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, [values.get(t, np.nan) for t in tasks], width,
@@ -92,7 +92,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     ax.set_xticks(np.arange(len(tasks)), tasks, rotation=35, ha="right")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     ax.set_title("Test accuracy per task and model")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)

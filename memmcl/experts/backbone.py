@@ -178,8 +178,14 @@ def resolve_tiny(config: TinyBackboneConfig | None = None) -> Path:
     return path
 
 
+def _smollm2() -> Path:
+    from memmcl.experts.gguf_backbones import resolve_smollm2
+
+    return resolve_smollm2()
+
+
 # Registered backbone names -> a function that returns a local directory with model + tokenizer.
-BACKBONES: dict[str, Callable[[], Path]] = {"tiny": resolve_tiny}
+BACKBONES: dict[str, Callable[[], Path]] = {"tiny": resolve_tiny, "smollm2-135m-instruct": _smollm2}
 
 
 def resolve_backbone(name_or_path: str) -> str:

@@ -52,30 +52,50 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
 def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, chunk_size: int = 64) -> torch.Tensor:
     """Returns [N, max labels] summed log-probabilities of each example's label answers (-inf where a task has fewer labels).
 
-    `answers[i][l]` holds the token ids of label l's answer for example i. When every answer is one token, one
-    forward over the prompts alone gives all labels' scores; otherwise each (example, label) pair is scored as
-    prompt + answer, in chunks of `chunk_size` sequences. Results do not depend on batch size or padding.
+    `answers[i][l]` holds the token ids of label l's answer for example i. One forward over the prompts (LM head at
+    the last position only) scores every label's first token; when some answer has more tokens, that forward keeps
+    its key/value cache, which is repeated once per label, and one short forward over the labels' remaining tokens
+    scores them. So the prompt is encoded once however many labels there are. Results do not depend on batch size
+    or padding.
     """
     device = next(model.parameters()).device
     n_labels = max(len(a) for a in answers)
     scores = torch.full((len(prompts), n_labels), float("-inf"))
-    if all(len(ans) == 1 for example in answers for ans in example):
-        for start in range(0, len(prompts), chunk_size):
-            ids, mask = left_pad(prompts[start : start + chunk_size], pad_id, device)
-            logp = last_log_probs(model, ids, mask, 1)[:, 0]
-            for i in range(ids.shape[0]):
-                firsts = torch.tensor([a[0] for a in answers[start + i]], device=device)
-                scores[start + i, : len(firsts)] = logp[i, firsts].cpu()
-        return scores
-    pairs = [(i, l) for i, example in enumerate(answers) for l in range(len(example))]
-    for start in range(0, len(pairs), chunk_size):
-        block = pairs[start : start + chunk_size]
-        seqs = [prompts[i] + answers[i][l] for i, l in block]
-        n_tail = max(len(answers[i][l]) for i, l in block)
-        ids, mask = left_pad(seqs, pad_id, device)
-        logp = tail_log_probs(model, ids, mask, n_tail)
-        for row, (i, l) in enumerate(block):
-            ans = torch.tensor(answers[i][l], device=device)
-            token_logp = logp[row, n_tail - len(ans) :].gather(-1, ans[:, None])
-            scores[i, l] = token_logp.sum().cpu()
+    for start in range(0, len(prompts), chunk_size):
+        stop = min(start + chunk_size, len(prompts))
+        scores[start:stop] = _score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device)
     return scores
+
+
+def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device) -> torch.Tensor:
+    ids, mask = left_pad(prompts, pad_id, device)
+    longest = max(len(a) for example in answers for a in example)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1,
+                use_cache=longest > 1)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+    B = len(prompts)
+    # [B, L, A] answer tokens (pad where a label is absent or shorter) and their mask
+    tokens = torch.full((B, n_labels, longest), pad_id, dtype=torch.long, device=device)
+    present = torch.zeros((B, n_labels, longest), dtype=torch.bool, device=device)
+    for i, example in enumerate(answers):
+        for l, a in enumerate(example):
+            tokens[i, l, : len(a)] = torch.tensor(a, device=device)
+            present[i, l, : len(a)] = True
+    token_logp = torch.zeros((B, n_labels, longest), device=device)
+    token_logp[:, :, 0] = first.gather(-1, tokens[:, :, 0])
+    if longest > 1:
+        # Continue every (example, label) from the shared prompt cache with the answer's tokens but its last.
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_labels)
+        cont = tokens[:, :, :-1].reshape(B * n_labels, longest - 1)
+        cont_mask = present[:, :, :-1].reshape(B * n_labels, longest - 1).long()
+        full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), cont_mask], dim=1)
+        start = mask.sum(-1).repeat_interleave(n_labels)[:, None]
+        positions = start + torch.arange(longest - 1, device=device)[None]
+        logits = model(input_ids=cont, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                       use_cache=False).logits
+        rest = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, :, 1:].reshape(B * n_labels, longest - 1, 1))
+        token_logp[:, :, 1:] = rest.view(B, n_labels, longest - 1)
+    result = (token_logp * present).sum(-1)
+    has_label = present[:, :, 0]
+    return torch.where(has_label, result, torch.full_like(result, float("-inf"))).cpu()
