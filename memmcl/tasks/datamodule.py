@@ -130,6 +130,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation / test / predict batch size per device.
         max_train_examples: keep only the first N training examples of each task (for smoke runs).
+        max_eval_examples: keep only the first N validation and test examples of each task (for slow CPU runs).
         samples_per_epoch: training samples per epoch (default: all training examples once).
         predict_split: the split `predict` runs over.
         seed: sampling seed.
@@ -159,8 +160,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_scope: DemoScope = "task",
         demo_losses: str | None = None,
         difficulty_file: str | None = None,
+        max_eval_examples: int | None = None,
     ):
         super().__init__()
+        self.max_eval_examples = max_eval_examples
         if demonstrations < 0:
             raise TaskError(f"data.demonstrations={demonstrations}: expected a count >= 0")
         self.demonstrations, self.demo_order, self.demo_scope = demonstrations, demo_order, demo_scope
@@ -189,6 +192,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             splits, duplicates = read_task(spec)
             if self.max_train_examples:
                 splits["train"] = splits["train"][: self.max_train_examples]
+            if self.max_eval_examples:
+                for split in ("validation", "test"):
+                    if split in splits:
+                        splits[split] = splits[split][: self.max_eval_examples]
             self.examples[spec.name] = splits
             if "train" in splits:  # a validation-only task (weak data) has no training metadata
                 self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
