@@ -94,8 +94,14 @@ def test_few_mistakes_are_topped_up_with_the_lowest_margin_training_examples():
     rows, info = select_weak(spec, train, records, min_examples=4)
     expected = {train[5].id, train[0].id, train[1].id, train[2].id}  # the mistake, then margins 0, 0.1, 0.2
     assert {r["id"] for r in rows} == expected
-    assert info == {"train": 300, "wrong": 1, "low_margin": 3, "weak": 4, "test_overlap_dropped": 0}
+    assert info == {"train": 300, "wrong": 1, "low_margin": 3, "anchors": 0, "weak": 4, "test_overlap_dropped": 0}
     assert [r["id"] for r in rows] == sorted(expected)
+    # anchors: one correctly predicted example per weak one, from outside the weak set, the same for the same seed
+    anchored, info = select_weak(spec, train, records, min_examples=4, anchor_ratio=1.0)
+    extra = {r["id"] for r in anchored} - expected
+    assert info["anchors"] == 4 and len(extra) == 4 and len(anchored) == 8
+    assert all(r["prediction"] == r["label"] for r in anchored if r["id"] in extra)
+    assert anchored == select_weak(spec, train, records, min_examples=4, anchor_ratio=1.0)[0]
     rows, info = select_weak(spec, train, records, min_examples=0)  # no top-up asked: the mistakes alone
     assert [r["id"] for r in rows] == [train[5].id] and info["low_margin"] == 0
     with pytest.raises(WeakDataError, match="not unique"):
