@@ -87,3 +87,7 @@ def test_single_task_datamodule(tiny_dir):
     assert dm.spec.aspect_name == "Target" and len(dm.items["train"]) == 50
     batches = list(dm.val_dataloader())
     assert sum(len(b["id"]) for b in batches) == 100
+    capped = TaskDataModule("stance", backbone=str(tiny_dir), max_eval_examples=30, eval_batch_size=7)
+    capped.setup()
+    assert len(capped.items["train"]) == 300
+    assert [b for batch in capped.test_dataloader() for b in batch["id"]] == [f"stance-test-{i}" for i in range(30)]

@@ -298,9 +298,11 @@ class TaskDataModule(MultiTaskDataModule):
         demonstrations: int = 0,
         demo_order: DemoOrder = "curriculum",
         demo_losses: str | None = None,
+        max_eval_examples: int | None = None,
     ):
         super().__init__([task], backbone, max_length, batch_size, eval_batch_size, num_workers, max_train_examples,
-                         None, predict_split, seed, demonstrations, demo_order, "task", demo_losses)
+                         None, predict_split, seed, demonstrations, demo_order, "task", demo_losses,
+                         max_eval_examples=max_eval_examples)
 
     @property
     def spec(self) -> TaskSpec:
