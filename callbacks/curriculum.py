@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, task_features
+from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, read_difficulty_order, task_features
 from memmcl.curriculum.pacing import Pacing, active_count, competence
 
 
@@ -60,10 +57,7 @@ class CurriculumSampler(Callback):
         if self.order is not None:
             order = self.order
         elif self.difficulty_file is not None:
-            path = Path(self.difficulty_file)
-            if not path.exists():
-                raise DifficultyError(f"{path}: no such difficulty file; expected a difficulty.json from memmcl pipeline")
-            order = [t for t in json.loads(path.read_text())["order"] if t in names]
+            order = [t for t in read_difficulty_order(self.difficulty_file) if t in names]
         else:
             meta = datamodule.metadata
             order = difficulty_scores({t: task_features(meta[t].to_dict()) for t in names}, self.difficulty_weights).order()

@@ -8,9 +8,11 @@ exist), are left out; a feature that some tasks have and others lack is an error
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 # feature -> what it measures (larger = harder).
 FEATURES: dict[str, str] = {
@@ -122,3 +124,12 @@ def format_difficulty_table(difficulty: Difficulty, groups: Mapping[str, str] | 
                *(f"{difficulty.normalised[t][f]:+.2f}" for f in feats)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def read_difficulty_order(path: str | Path, field: str = "difficulty_file") -> list[str]:
+    """Returns the easy → hard task order of a `difficulty.json` written by `memmcl pipeline`; `field` names the
+    setting that gave the path, for the error."""
+    path = Path(path)
+    if not path.exists():
+        raise DifficultyError(f"{field}: {path} does not exist; expected a difficulty.json from memmcl pipeline")
+    return json.loads(path.read_text())["order"]

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, select_demonstrations
+from memmcl.curriculum.difficulty import read_difficulty_order
 from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
@@ -220,12 +221,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                 path = Path(self.demo_losses) / f"{name}.example_loss.json"
                 if path.exists():
                     losses[name] = json.loads(path.read_text())
-        task_order = None
-        if self.difficulty_file is not None:
-            path = Path(self.difficulty_file)
-            if not path.exists():
-                raise TaskError(f"data.difficulty_file: {path} does not exist; expected a difficulty.json from memmcl pipeline")
-            task_order = json.loads(path.read_text())["order"]
+        task_order = read_difficulty_order(self.difficulty_file, "data.difficulty_file") if self.difficulty_file is not None else None
 
         def demos_for(task: str, example: Example) -> list:
             return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
