@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def markdown_table(matrix: dict[str, dict[str, float]], groups: dict[str, str], 
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: Path) -> str:
+    """Writes a figure as PNG atomically (no half-written plot is left behind), closes it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return path.name
+
+
 def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dict) -> list[str]:
     import matplotlib
 
@@ -94,10 +107,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     ax.set_title("Test accuracy per task and model")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("accuracy.png")
+    written.append(_save_figure(fig, out / "accuracy.png"))
 
     names = list(genome["coefficients"])
     rows = list(genome["stages"]) + ["final"]
@@ -112,10 +122,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < np.nanmax(weights) / 2 else "black")
     fig.colorbar(im, ax=ax, label="coefficient of ΔLoRA")
     ax.set_title("Merge weights per stage (base + Σ w·ΔLoRA)")
-    fig.tight_layout()
-    fig.savefig(out / "merge_weights.png", dpi=110)
-    plt.close(fig)
-    written.append("merge_weights.png")
+    written.append(_save_figure(fig, out / "merge_weights.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage, result in stages.items():
@@ -127,10 +134,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     ax.set_ylabel("fitness (accuracy on weak data)")
     ax.legend(fontsize=7)
     ax.set_title("Fitness per generation")
-    fig.tight_layout()
-    fig.savefig(out / "fitness.png", dpi=110)
-    plt.close(fig)
-    written.append("fitness.png")
+    written.append(_save_figure(fig, out / "fitness.png"))
 
     order = difficulty["order"]
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.2))
@@ -139,10 +143,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     ax.invert_yaxis()
     ax.set_xlabel("difficulty score (weighted mean of z-scored features)")
     ax.set_title("Curriculum order, easy (top) to hard")
-    fig.tight_layout()
-    fig.savefig(out / "difficulty.png", dpi=110)
-    plt.close(fig)
-    written.append("difficulty.png")
+    written.append(_save_figure(fig, out / "difficulty.png"))
     return written
 
 
