@@ -81,8 +81,7 @@ def pipeline_main(args: list[str]) -> None:
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
     pipeline = Pipeline(**{k: v for k, v in init.items() if k != "config"})
-    if pipeline.run_dir.is_dir() or not pipeline.run_dir.exists():
-        pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:

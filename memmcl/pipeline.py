@@ -191,11 +191,14 @@ class Pipeline:
         log.info("phase %s: done before with the same settings, skipped", phase)
         self.phases[phase] = {**marker, "skipped": True}
 
+    def _tensorboard(self, version: str) -> TensorBoardLogger:
+        """Returns the logger writing to `<run_dir>/tensorboard/<version>`."""
+        return TensorBoardLogger(str(self.run_dir), name="tensorboard", version=version, default_hp_metric=False)
+
     def _trainer(self, logger_version: str | None, quiet: bool = False, **kwargs) -> L.Trainer:
         """Returns a Trainer with the run's settings; `quiet` hides the per-call bars of many short evaluations."""
         t = self.trainer_config
-        logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version=logger_version,
-                                   default_hp_metric=False) if logger_version else False
+        logger = self._tensorboard(logger_version) if logger_version else False
         return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
                          logger=logger, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0, **kwargs)
@@ -264,7 +267,7 @@ class Pipeline:
 
     def parallel_experts(self) -> None:
         """Trains the experts not yet done in `expert.workers` processes (one CPU device only: a tiny model's step
-        is mostly per-op overhead, so two single-thread processes train ~1.8x faster than one with two threads)."""
+        is mostly per-op overhead, so two single-thread processes train ~1.5x faster than one with two threads)."""
         t = self.trainer_config
         pending = [s for s in self.specs if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s))]
         if self.expert.workers <= 1 or len(pending) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
@@ -327,7 +330,7 @@ class Pipeline:
         if rank_zero_only.rank == 0:
             table = format_difficulty_table(difficulty, record["groups"])
             write_atomic(out / "difficulty.md", (table + "\n").encode())
-            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="difficulty", default_hp_metric=False)
+            logger = self._tensorboard("difficulty")
             for rank, task in enumerate(difficulty.order()):
                 logger.experiment.add_scalar(f"difficulty/{task}", difficulty.scores[task], rank)
             logger.experiment.add_text("difficulty/order", table)
@@ -363,13 +366,10 @@ class Pipeline:
         started = time.time()
         search = self.search()
         trainer = self._trainer(None, quiet=True)
-        B, T = self.merge.blocks, len(self.specs)
-        coef = search._coef_matrix
-        models = {"base": torch.zeros(B, T), "uniform": torch.full((B, T), 1.0 / T)}
-        for stage, r in record["stages"].items():
-            if stage != "global":
-                models[f"evolved_{stage}"] = coef(r["coefficients"])
-        models["evolved_global"] = coef(record["coefficients"])
+        merges = search.candidate_merges(record)
+        models = {"base": merges["base"], "uniform": merges["uniform"]}
+        models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != "evolved_global"})
+        models["evolved_global"] = merges["final"]
 
         def dm(specs, **kw):
             return MultiTaskDataModule(specs, backbone=self.backbone, max_length=kw.pop("max_length", self.max_length),
@@ -382,7 +382,7 @@ class Pipeline:
             results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
         results["expert"] = {}
         for t, spec in enumerate(self.specs):
-            onehot = torch.zeros(B, T)
+            onehot = torch.zeros_like(merges["base"])
             onehot[:, t] = 1.0
             results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
         if self.demos.k > 0:
@@ -398,7 +398,7 @@ class Pipeline:
                    "demonstrations": asdict(self.demos), "max_eval_examples": self.max_eval_examples}
         _write_json(out / "results.json", summary)
         if rank_zero_only.rank == 0:
-            logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version="eval", default_hp_metric=False)
+            logger = self._tensorboard("eval")
             for step, m in enumerate(results):
                 logger.experiment.add_scalar("eval/mean_acc", summary["means"][m]["overall"], step)
                 for task, r in results[m].items():

@@ -409,10 +409,10 @@ class MergeSearch(LabelScoringModule):
         atomic_save_dir(out_dir, write, replace=True)
         return out_dir
 
-    def evaluate_test(self, trainer: L.Trainer, record: dict) -> dict:
-        """Test-split accuracy of base, uniform, each stage's merge and the final merge (reporting only: never fitness)."""
+    def candidate_merges(self, record: dict) -> dict[str, torch.Tensor]:
+        """Returns the coefficient matrices to score after a search `record` (best_genome): `base` (no expert),
+        `uniform` (1/T each), `uniform_<group>`, `evolved_<stage>` for each stage and `final` (the record's own)."""
         T = self.model.n_experts
-        dm = self._datamodule(list(self.expert_specs))
         candidates = {"base": torch.zeros(self.hparams.blocks, T),
                       "uniform": torch.full((self.hparams.blocks, T), 1.0 / T)}
         for g, members in self.groups.items():
@@ -422,6 +422,12 @@ class MergeSearch(LabelScoringModule):
         for stage, r in record.get("stages", {}).items():
             candidates[f"evolved_{stage}"] = self._coef_matrix(r["coefficients"])
         candidates["final"] = self._coef_matrix(record["coefficients"])
+        return candidates
+
+    def evaluate_test(self, trainer: L.Trainer, record: dict) -> dict:
+        """Test-split accuracy of base, uniform, each stage's merge and the final merge (reporting only: never fitness)."""
+        dm = self._datamodule(list(self.expert_specs))
+        candidates = self.candidate_merges(record)
         out = {}
         for name, coef in candidates.items():
             res = self.evaluate(trainer, coef, dm, split="test")
