@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-real test bench lint clean
+.PHONY: venv demo demo-real demo-real-synthetic test bench lint clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,15 @@ $(STAMP): pyproject.toml
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline.yaml
 
-# The whole method with a real instruction-tuned LLM (SmolLM2-135M-Instruct, offline from its wheel), sized for 2 CPUs.
+# The whole method with a real instruction-tuned LLM (SmolLM2-135M-Instruct, offline from its wheel) on real sentiment
+# data (five tasks of ../shared/realdata, or DATA_DIR=...), sized for 2 CPUs.
+DATA_DIR ?=
 demo-real: venv
-	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/smollm2/pipeline.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/smollm2/pipeline_real.yaml $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+
+# The same model on three tasks of the synthetic embedded suite.
+demo-real-synthetic: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/smollm2/pipeline_synthetic.yaml
 
 test: venv
 	# pytest exit code 5 (no tests collected) is not a failure.

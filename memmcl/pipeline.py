@@ -141,6 +141,8 @@ class Pipeline:
         max_eval_examples: score only the first N validation / test examples of each task (slow CPU runs; the
             report then says so).
         difficulty_weights: feature weights of the task difficulty score (default `DEFAULT_WEIGHTS`).
+        data_dir: the data folder of task specs whose split paths start with `data:` (`configs/real/`); default
+            $MEMMCL_DATA_DIR, else ../shared/realdata where it exists.
     """
 
     def __init__(
@@ -159,13 +161,14 @@ class Pipeline:
         difficulty_weights: dict[str, float] | None = None,
         demonstrations: DemoConfig | None = None,
         trainer: TrainerConfig | None = None,
+        data_dir: str | None = None,
     ):
         self.name, self.backbone, self.dtype, self.seed = name, backbone, dtype, seed
         self.max_length, self.eval_batch_size, self.max_eval_examples = max_length, eval_batch_size, max_eval_examples
         self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
         self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
         self.difficulty_weights = difficulty_weights
-        self.specs = load_task_specs(list(tasks or embedded_task_names()))
+        self.specs = load_task_specs(list(tasks or embedded_task_names()), data_dir)
         self.run_dir = Path(root) / name
         self.phases: dict[str, dict] = {}
         self._search: MergeSearch | None = None
@@ -298,19 +301,20 @@ class Pipeline:
                 sigma=m.sigma, bounds=m.bounds, blocks=m.blocks, seed=self.seed, method=m.method, density=m.density,
                 task_weights=m.task_weights, groups=m.groups, max_length=self.max_length,
                 eval_batch_size=self.eval_batch_size, max_weak_examples=m.max_weak_examples,
-                min_weak_examples=m.min_weak_examples, weak_anchor_ratio=m.weak_anchor_ratio, evaluate_test=False)
+                min_weak_examples=m.min_weak_examples, weak_anchor_ratio=m.weak_anchor_ratio, evaluate_test=False,
+                max_train_examples=self.expert.max_train_examples)
         return self._search
 
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:
         """Each expert's weak data (mistakes on its own training split, topped up) into weak/; returns the summary."""
         out = self.run_dir / "weak"
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
-                           self.merge.weak_anchor_ratio])
+                           self.merge.weak_anchor_ratio, self.expert.max_train_examples])
         if marker := self._done(out, key):
             self._skip("weak", marker)
         else:
             started = time.time()
-            self.search().mine_weak_data(self._trainer(None, quiet=True))
+            self.search().mine_weak_data(self._trainer(None))  # long on a real model: Lightning's bar per expert
             self._finish("weak", out, key, started)
         return yaml.safe_load((out / "summary.yaml").read_text())
 

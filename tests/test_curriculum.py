@@ -174,8 +174,9 @@ def test_datamodule_puts_demonstrations_in_eval_prompts_only(tiny_dir):
     plain.setup(), icl.setup()
     assert [it["prompt"] for it in icl.items["train"]] == [it["prompt"] for it in plain.items["train"]]
     tok = icl.tokenizer
-    test = icl.examples["sc_3class"]["test"]
-    for item, example in zip(icl.items["test"][:10], test[:10], strict=True):
+    test = {e.id: e for e in icl.examples["sc_3class"]["test"]}
+    for item in icl.items["test"][:10]:
+        example = test[item["id"]]
         text = tok.decode(item["prompt"])
         assert text.count("Answer:") == 4 and text.rstrip().endswith("Answer:")
         assert example.text[:20] in text.split("Answer:")[-2]  # the query comes last

@@ -3,6 +3,7 @@ import torch
 
 from memmcl.tasks.datamodule import IGNORE_INDEX, MultiTaskDataModule, TaskDataModule, TaskMixtureSampler
 from memmcl.tasks.prompts import Demonstration, build_prompt
+from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, embedded_task_names, load_task_spec
 
 
@@ -90,4 +91,8 @@ def test_single_task_datamodule(tiny_dir):
     capped = TaskDataModule("stance", backbone=str(tiny_dir), max_eval_examples=30, eval_batch_size=7)
     capped.setup()
     assert len(capped.items["train"]) == 300
-    assert [b for batch in capped.test_dataloader() for b in batch["id"]] == [f"stance-test-{i}" for i in range(30)]
+    full = read_task(capped.spec)[0]["test"]
+    served = [b for batch in capped.test_dataloader() for b in batch["id"]]
+    assert sorted(served) == sorted(e.id for e in stratified_sample(full, 30, seed=0)) and len(set(served)) == 30
+    lengths = [len(it["prompt"]) for it in capped.items["test"]]
+    assert lengths == sorted(lengths)  # evaluation batches group similar lengths

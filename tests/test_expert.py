@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from memmcl.experts.expert import ExpertError, LoRAExpert, load_expert
-from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length
 from memmcl.tasks.datamodule import TaskDataModule
 from memmcl.tasks.spec import load_task_spec
 
@@ -66,9 +66,54 @@ def test_scores_match_brute_force_at_any_batch_size(expert, data, multi_token):
     pad = data.tokenizer.pad_token_id
     one = torch.cat([score_labels(expert.model, [p], [a], pad) for p, a in zip(prompts, answers, strict=True)])
     sixteen = score_labels(expert.model, prompts, answers, pad, chunk_size=16 if not multi_token else 23)
+    # the batch shares its instruction, so the scorer takes the shared-prefix path; one prompt alone does not
+    assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX
+    unshared = score_labels(expert.model, prompts, answers, pad, share_prefix=False)
+    torch.testing.assert_close(unshared, sixteen, atol=1e-4, rtol=1e-4)
     assert torch.equal(one.argmax(-1), sixteen.argmax(-1))
     torch.testing.assert_close(one, sixteen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sixteen, brute_force_scores(expert.model, prompts, answers), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_loss_and_gradients_equal_whole_sequences(expert, data):
+    batch = next(iter(data.val_dataloader()))
+    lengths = batch["attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max()  # padding differs between rows
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    params = [p for p in expert.model.parameters() if p.requires_grad]
+    grads = []
+    for share in (True, False):
+        loss = answer_loss(expert.model, *args, share_prefix=share)
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (shared, g_shared), (whole, g_whole) = grads
+    assert shared.item() == pytest.approx(whole.item(), abs=1e-5)
+    for a, b in zip(g_shared, g_whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_kept_prefix_cache_follows_the_model_state(tiny_dir, data):
+    """Batches after the first reuse the kept prefix cache; an in-place weight update must invalidate it."""
+    torch.manual_seed(1)
+    e = LoRAExpert(backbone=str(tiny_dir), lora_r=4).eval()
+    items = data.items["validation"][:24]
+    prompts, answers = [it["prompt"] for it in items], [it["answers"] for it in items]
+    pad = data.tokenizer.pad_token_id
+    before = score_labels(e.model, prompts, answers, pad, chunk_size=8)  # 3 batches, one kept prefix
+    torch.testing.assert_close(before, score_labels(e.model, prompts, answers, pad, share_prefix=False), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        for name, p in e.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)  # in place, as an optimizer step or a folded genome writes
+    after = score_labels(e.model, prompts, answers, pad, chunk_size=8)
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, brute_force_scores(e.model, prompts, answers), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_length_leaves_room():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # one token of each stays to be scored
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 4]], keep=3) == 1
+    assert shared_prefix_length([[1, 2, 3]]) == 0
 
 
 def test_saved_expert_reproduces_predictions(expert, data, tmp_path, tiny_dir):

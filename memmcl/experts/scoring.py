@@ -1,14 +1,30 @@
 """Rank classification: each label's answer tokens scored by log-likelihood after the prompt; the argmax predicts.
 
-This one module serves validation, test, predict, weak-data mining and merge fitness. Sequences are left-padded so
-every answer ends at the last position; the LM head runs only over the last `max answer length + 1` positions
-(`logits_to_keep`), never over the full sequence × vocabulary.
+This one module serves validation, test, predict, weak-data mining, merge fitness and the training loss. Sequences
+are left-padded so every answer ends at the last position; the LM head runs only over the last `max answer length + 1`
+positions (`logits_to_keep`), never over the full sequence × vocabulary.
+
+Shared prefix: the prompts of one batch usually begin with the same tokens (chat template, system prompt,
+instruction, a fixed demonstration set). That prefix is encoded once, its key/value cache is repeated over the batch,
+and only each sequence's own suffix runs through the model, with positions and attention masks continuing the prefix,
+so the result is the same as encoding every sequence whole (up to float rounding). Label scoring also keeps the last
+prefix cache per model for the next batches (a task's batches share it), keyed on the model's state: the address
+and version counter of every parameter and buffer, which any in-place update (an optimizer step, a new genome, a
+folded merge) or move changes, so a stale cache is never used.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+# A shared prefix shorter than this is not worth a second forward.
+MIN_SHARED_PREFIX = 8
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,75 +43,160 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def last_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Returns next-token log-probabilities [B, k, V] computed at the last `k` positions only."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                logits_to_keep=k, use_cache=False)
-    return F.log_softmax(out.logits.float(), dim=-1)
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """Returns the name under which `model_class.forward` takes a key/value cache (transformers >= 5.2x: `cache`)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def tail_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tail: int) -> torch.Tensor:
-    """Returns log-probabilities [B, n_tail, V] predicting the tokens at the last `n_tail` positions."""
-    return last_log_probs(model, input_ids, attention_mask, n_tail + 1)[:, :-1]
+def with_cache(model, cache) -> dict:
+    """Returns the keyword argument that hands `cache` to the model's forward, whatever its transformers version."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_argument(type(base)): cache}
 
 
-def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Returns the mean cross-entropy over answer tokens (labels != -100) of a left-padded batch."""
+def is_checkpointing(model) -> bool:
+    """Returns whether activation (gradient) checkpointing is on: it cannot keep a key/value cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(type(base), "is_activation_checkpointing"):
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
+
+
+def shared_prefix_length(seqs: list[list[int]], keep: int = 1) -> int:
+    """Returns the length of the longest token prefix common to every sequence, leaving at least `keep` tokens of each."""
+    limit = min(map(len, seqs)) - keep
+    if len(seqs) < 2 or limit <= 0:
+        return 0
+    head = torch.tensor([s[:limit] for s in seqs])
+    same = (head == head[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+# model -> (its state when the prefix was encoded, prefix tokens, batch-1 key/value cache of the prefix)
+_PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _model_state(model) -> tuple:
+    tensors = [*model.parameters(), *model.buffers()]
+    return model.training, tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _prefix_cache(model, seqs: list[list[int]], keep: int, device, reuse: bool):
+    """Returns (prefix length, batch-1 cache of the prefix) for the sequences, or (0, None) when none is worth it.
+
+    With `reuse`, the model's last prefix cache serves as far as it is shared by every sequence and the model's state
+    is unchanged; a batch that shares less of it (a new task) encodes its own prefix, which then becomes the kept one.
+    """
+    state = _model_state(model) if reuse else None
+    kept = _PREFIX_CACHES.get(model) if reuse else None
+    if kept is not None and kept[0] == state:
+        tokens = kept[1]
+        if min(map(len, seqs)) - keep >= len(tokens) and all(tuple(s[: len(tokens)]) == tokens for s in seqs):
+            return len(tokens), kept[2]
+    prefix = shared_prefix_length(seqs, keep=keep)
+    if prefix < MIN_SHARED_PREFIX:
+        return 0, None
+    cache = model(input_ids=torch.tensor([seqs[0][:prefix]], device=device), use_cache=True).past_key_values
+    if reuse:
+        _PREFIX_CACHES[model] = (state, tuple(seqs[0][:prefix]), cache)
+    return prefix, cache
+
+
+def _causal_lm(model, seqs: list[list[int]], pad_id: int, device, logits_to_keep: int, use_cache: bool,
+               share_prefix: bool = True, reuse_prefix: bool = False):
+    """Runs the sequences through the model, their shared prefix (if any) once; returns (output, full attention mask).
+
+    The mask covers prefix + padded suffixes, so a later forward with the returned cache continues from it; rows end
+    at the last column, so `logits_to_keep` positions are every sequence's last ones.
+    """
+    prefix, prefix_cache = _prefix_cache(model, seqs, logits_to_keep, device, reuse_prefix) if share_prefix else (0, None)
+    if prefix_cache is None:
+        ids, mask = left_pad(seqs, pad_id, device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=logits_to_keep,
+                    use_cache=use_cache)
+        return out, mask
+    cache = copy.deepcopy(prefix_cache) if reuse_prefix else prefix_cache
+    cache.batch_repeat_interleave(len(seqs))
+    ids, suffix_mask = left_pad([s[prefix:] for s in seqs], pad_id, device)
+    mask = torch.cat([torch.ones((len(seqs), prefix), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=prefix + position_ids(suffix_mask),
+                logits_to_keep=logits_to_keep, use_cache=use_cache, **with_cache(model, cache))
+    return out, mask
+
+
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                share_prefix: bool = True) -> torch.Tensor:
+    """Returns the mean cross-entropy over answer tokens (labels != -100) of a left-padded batch.
+
+    With `share_prefix` the batch's common prefix is encoded once (gradients flow through its repeated cache).
+    Gradient checkpointing cannot keep a cache, so it uses the whole sequences.
+    """
     answer_mask = labels != -100
     n_tail = int(answer_mask.sum(-1).max())
-    logp = tail_log_probs(model, input_ids, attention_mask, n_tail)
+    seqs = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask, strict=True)]
+    share = share_prefix and not is_checkpointing(model)
+    out, _ = _causal_lm(model, seqs, 0, input_ids.device, n_tail + 1, use_cache=False, share_prefix=share)
+    logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)
     targets = labels[:, -n_tail:]
     return F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
-def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, chunk_size: int = 64) -> torch.Tensor:
+def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, chunk_size: int = 64,
+                 share_prefix: bool = True) -> torch.Tensor:
     """Returns [N, max labels] summed log-probabilities of each example's label answers (-inf where a task has fewer labels).
 
-    `answers[i][l]` holds the token ids of label l's answer for example i. One forward over the prompts (LM head at
-    the last position only) scores every label's first token; when some answer has more tokens, that forward keeps
-    its key/value cache, which is repeated once per label, and one short forward over the labels' remaining tokens
-    scores them. So the prompt is encoded once however many labels there are. Results do not depend on batch size
-    or padding.
+    `answers[i][l]` holds the token ids of label l's answer for example i. One forward over the prompts (their shared
+    prefix once, LM head at the last position only) scores every label's first token; when some answer has more
+    tokens, that forward keeps its key/value cache, which is repeated once per label, and one short forward over the
+    labels' remaining tokens scores them. So each prompt is encoded once however many labels there are. Results do
+    not depend on batch size, padding or prefix sharing.
     """
     device = next(model.parameters()).device
     n_labels = max(len(a) for a in answers)
     scores = torch.full((len(prompts), n_labels), float("-inf"))
     for start in range(0, len(prompts), chunk_size):
         stop = min(start + chunk_size, len(prompts))
-        scores[start:stop] = _score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device)
+        scores[start:stop] = _score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device,
+                                          share_prefix)
     return scores
 
 
-def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device) -> torch.Tensor:
-    ids, mask = left_pad(prompts, pad_id, device)
-    longest = max(len(a) for example in answers for a in example)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1,
-                use_cache=longest > 1)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
-    B = len(prompts)
-    # [B, L, A] answer tokens (pad where a label is absent or shorter) and their mask
-    tokens = torch.full((B, n_labels, longest), pad_id, dtype=torch.long, device=device)
-    present = torch.zeros((B, n_labels, longest), dtype=torch.bool, device=device)
+def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool) -> torch.Tensor:
+    # Multi-token answers continue from the prompt cache with all of their tokens but the last; labels whose
+    # continuation is the same ("very negative" / "very positive": "very") share one row.
+    rows: dict[tuple[int, tuple[int, ...]], int] = {}
     for i, example in enumerate(answers):
-        for l, a in enumerate(example):
-            tokens[i, l, : len(a)] = torch.tensor(a, device=device)
-            present[i, l, : len(a)] = True
-    token_logp = torch.zeros((B, n_labels, longest), device=device)
-    token_logp[:, :, 0] = first.gather(-1, tokens[:, :, 0])
-    if longest > 1:
-        # Continue every (example, label) from the shared prompt cache with the answer's tokens but its last.
+        for a in example:
+            if len(a) > 1:
+                rows.setdefault((i, tuple(a[:-1])), len(rows))
+    out, mask = _causal_lm(model, prompts, pad_id, device, logits_to_keep=1, use_cache=bool(rows),
+                           share_prefix=share_prefix, reuse_prefix=share_prefix)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [B, V]
+    B = len(prompts)
+    result = torch.full((B, n_labels), float("-inf"))
+    for i, example in enumerate(answers):
+        result[i, : len(example)] = first[i, [a[0] for a in example]]
+    if rows:
+        example_of_row = torch.tensor([i for i, _ in rows], device=device)
+        continuations = [list(c) for _, c in rows]
+        width = max(map(len, continuations))
+        cont = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, c in enumerate(continuations):
+            cont[r, : len(c)] = torch.tensor(c)
+            cont_mask[r, : len(c)] = 1
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n_labels)
-        cont = tokens[:, :, :-1].reshape(B * n_labels, longest - 1)
-        cont_mask = present[:, :, :-1].reshape(B * n_labels, longest - 1).long()
-        full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), cont_mask], dim=1)
-        start = mask.sum(-1).repeat_interleave(n_labels)[:, None]
-        positions = start + torch.arange(longest - 1, device=device)[None]
-        logits = model(input_ids=cont, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                       use_cache=False).logits
-        rest = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, :, 1:].reshape(B * n_labels, longest - 1, 1))
-        token_logp[:, :, 1:] = rest.view(B, n_labels, longest - 1)
-    result = (token_logp * present).sum(-1)
-    has_label = present[:, :, 0]
-    return torch.where(has_label, result, torch.full_like(result, float("-inf"))).cpu()
+        cache.batch_select_indices(example_of_row)
+        full_mask = torch.cat([mask[example_of_row], cont_mask.to(device)], dim=1)
+        positions = mask.sum(-1)[example_of_row][:, None] + torch.arange(width, device=device)[None]
+        logits = model(input_ids=cont.to(device), attention_mask=full_mask, position_ids=positions, use_cache=False,
+                       **with_cache(model, cache)).logits
+        logp = F.log_softmax(logits.float(), dim=-1).cpu()  # [rows, width, V]
+        for i, example in enumerate(answers):
+            for l, a in enumerate(example):
+                if len(a) > 1:
+                    r = rows[(i, tuple(a[:-1]))]
+                    result[i, l] += logp[r, torch.arange(len(a) - 1), a[1:]].sum()
+    return result

@@ -93,6 +93,8 @@ class MergeSearch(LabelScoringModule):
         weak_dir: where weak data goes (default `<out_dir>/weak`).
         weak_anchor_ratio: add this many correctly predicted training examples per weak example (0: the method as
             published, mistakes only; see `select_weak`).
+        max_train_examples: the experts' training cap (`expert.max_train_examples`): weak data comes from the same
+            seeded, label-stratified sample each expert was trained on, not from the whole training split.
     """
 
     log_eval_to_logger = False
@@ -123,6 +125,7 @@ class MergeSearch(LabelScoringModule):
         evaluate_test: bool = True,
         weak_dir: str | None = None,
         weak_anchor_ratio: float = 0.0,
+        max_train_examples: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -172,8 +175,10 @@ class MergeSearch(LabelScoringModule):
     # ---- fitness -----------------------------------------------------------------------------------------------
 
     def _datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
-        return MultiTaskDataModule(specs, backbone=self.backbone, max_length=self.hparams.max_length,
-                                   eval_batch_size=self.hparams.eval_batch_size, predict_split=predict_split)
+        h = self.hparams
+        return MultiTaskDataModule(specs, backbone=self.backbone, max_length=h.max_length, seed=h.seed,
+                                   eval_batch_size=h.eval_batch_size, predict_split=predict_split,
+                                   max_train_examples=h.max_train_examples)
 
     def set_coefficients(self, coef: torch.Tensor) -> None:
         h = self.hparams
@@ -207,7 +212,8 @@ class MergeSearch(LabelScoringModule):
             out = weak_dir / f"{spec.name}.jsonl"
             fingerprint = _sha(path / "adapter_model.safetensors")
             key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
-                   "min_weak_examples": self.hparams.min_weak_examples, "anchor_ratio": self.hparams.weak_anchor_ratio}
+                   "min_weak_examples": self.hparams.min_weak_examples, "anchor_ratio": self.hparams.weak_anchor_ratio,
+                   "max_train_examples": self.hparams.max_train_examples}
             loss_path = weak_dir / f"{spec.name}.example_loss.json"
             if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
                 onehot = torch.zeros(self.model.n_experts)

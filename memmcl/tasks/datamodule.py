@@ -18,7 +18,7 @@ from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
 from memmcl.tasks.prompts import answer_ids, build_prompt
-from memmcl.tasks.readers import read_task
+from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
 
 IGNORE_INDEX = -100
@@ -130,8 +130,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         max_length: prompt + answer tokens at most; longer inputs are cut, never instructions or answers.
         batch_size: training batch size per device.
         eval_batch_size: validation / test / predict batch size per device.
-        max_train_examples: keep only the first N training examples of each task (for smoke runs).
-        max_eval_examples: keep only the first N validation and test examples of each task (for slow CPU runs).
+        max_train_examples: keep N training examples of each task (a seeded sample stratified by label; smoke runs).
+        max_eval_examples: keep N validation and test examples of each task, sampled the same way (slow CPU runs).
+        data_dir: the data folder of task specs whose split paths start with `data:` (default: $MEMMCL_DATA_DIR,
+            else ../shared/realdata where it exists).
         samples_per_epoch: training samples per epoch (default: all training examples once).
         predict_split: the split `predict` runs over.
         seed: sampling seed.
@@ -162,6 +164,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_losses: str | None = None,
         difficulty_file: str | None = None,
         max_eval_examples: int | None = None,
+        data_dir: str | None = None,
     ):
         super().__init__()
         self.max_eval_examples = max_eval_examples
@@ -174,7 +177,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.backbone, self.max_length, self.seed = backbone, max_length, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_train_examples, self.samples_per_epoch, self.predict_split = max_train_examples, samples_per_epoch, predict_split
-        self.specs = load_task_specs(list(tasks))
+        self.specs = load_task_specs(list(tasks), data_dir)
         self.tokenizer = None
         self.examples: dict[str, dict[str, list[Example]]] = {}
         self.items: dict[str, list[dict]] = {}
@@ -191,12 +194,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.backbone, padding_side="left")
         for spec in self.specs:
             splits, duplicates = read_task(spec)
-            if self.max_train_examples:
-                splits["train"] = splits["train"][: self.max_train_examples]
-            if self.max_eval_examples:
-                for split in ("validation", "test"):
-                    if split in splits:
-                        splits[split] = splits[split][: self.max_eval_examples]
+            caps = {"train": self.max_train_examples, "validation": self.max_eval_examples, "test": self.max_eval_examples}
+            for split, cap in caps.items():
+                if split in splits:  # a seeded, label-stratified sample: a label-sorted file keeps its label mix
+                    splits[split] = stratified_sample(splits[split], cap, self.seed)
             self.examples[spec.name] = splits
             if "train" in splits:  # a validation-only task (weak data) has no training metadata
                 self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
@@ -204,7 +205,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         for t, spec in enumerate(self.specs):
             for split, examples in self.examples[spec.name].items():
                 source = partial(demos_for, spec.name) if demos_for and split != "train" else None
-                self.items.setdefault(split, []).extend(encode_examples(self.tokenizer, spec, t, examples, self.max_length, source))
+                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, source)
+                if split != "train":
+                    # Evaluation batches of similar prompt lengths waste little on padding (metrics and written
+                    # predictions do not depend on the order); each task's items stay together, so its batches
+                    # share the task's prompt prefix.
+                    items.sort(key=lambda it: len(it["prompt"]))
+                self.items.setdefault(split, []).extend(items)
 
     def _demonstration_source(self) -> Callable | None:
         """Returns f(task, example) -> demonstrations for evaluation prompts, or None without demonstrations."""
@@ -295,10 +302,11 @@ class TaskDataModule(MultiTaskDataModule):
         demo_order: DemoOrder = "curriculum",
         demo_losses: str | None = None,
         max_eval_examples: int | None = None,
+        data_dir: str | None = None,
     ):
         super().__init__([task], backbone, max_length, batch_size, eval_batch_size, num_workers, max_train_examples,
                          None, predict_split, seed, demonstrations, demo_order, "task", demo_losses,
-                         max_eval_examples=max_eval_examples)
+                         max_eval_examples=max_eval_examples, data_dir=data_dir)
 
     @property
     def spec(self) -> TaskSpec:

@@ -4,8 +4,10 @@ TweetEval-style folders. Every error names the file and line (or item / sentence
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +15,18 @@ from pathlib import Path
 from memmcl.tasks.spec import FORMATS, Example, TaskError, TaskSpec
 
 log = logging.getLogger(__name__)
+
+
+def read_text(path: Path) -> str:
+    """Returns a file's text as UTF-8 (a leading byte-order mark, as Excel writes, is dropped); a byte that is not
+    UTF-8 is an error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise TaskError(f"{path}:{line}: byte 0x{data[err.start]:02x} is not UTF-8; expected a UTF-8 text file "
+                        f"(re-save it as UTF-8)") from None
 
 
 def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
@@ -25,8 +39,10 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
     if spec.label_field not in row or row[spec.label_field] is None:
         raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected one of {list(spec.labels)}")
     label = str(row[spec.label_field]).strip()
+    label = spec.aliases.get(label, label)
     if label not in spec.labels:
-        raise TaskError(f"{where}: label '{label}' is not one of {list(spec.labels)}")
+        also = f" or an alias {sorted(spec.aliases)}" if spec.aliases else ""
+        raise TaskError(f"{where}: label '{label}' is not one of {list(spec.labels)}{also}")
     aspect = None
     if spec.aspect_field:
         aspect = row.get(spec.aspect_field)
@@ -38,20 +54,19 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
 
 
 def read_jsonl(spec: TaskSpec, path: Path) -> Iterator[Example]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
-            yield _record(spec, row, f"{path}:{lineno}", f"{spec.name}-{lineno}")
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        yield _record(spec, row, f"{path}:{lineno}", f"{spec.name}-{lineno}")
 
 
 def read_json(spec: TaskSpec, path: Path) -> Iterator[Example]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(rows, list):
@@ -61,12 +76,13 @@ def read_json(spec: TaskSpec, path: Path) -> Iterator[Example]:
 
 
 def _read_delimited(spec: TaskSpec, path: Path, delimiter: str) -> Iterator[Example]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None or spec.text_field not in reader.fieldnames:
-            raise TaskError(f"{path}:1: header {reader.fieldnames} has no column '{spec.text_field}'")
-        for row in reader:
-            yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    columns = [c for c in (spec.text_field, spec.label_field, spec.aspect_field) if c]
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise TaskError(f"{path}:1: header {reader.fieldnames} has no column(s) {missing}; set the task's 'fields'")
+    for row in reader:
+        yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
 
 
 def read_csv(spec: TaskSpec, path: Path) -> Iterator[Example]:
@@ -102,28 +118,49 @@ _TWEETEVAL_SPLITS = {"train": "train", "validation": "val", "val": "val", "test"
 
 
 def read_tweeteval(spec: TaskSpec, path: Path, split: str) -> Iterator[Example]:
-    """TweetEval folder: `{split}_text.txt`, `{split}_labels.txt` (integers) and `mapping.txt` (`0<TAB>name`)."""
+    """TweetEval folder: `{split}_text.txt`, `{split}_labels.txt` (integers) and `mapping.txt` (`0<TAB>name`).
+
+    A stance folder holds one such folder per target (`stance/abortion/...`) with `mapping.txt` one level up: every
+    target's examples are read, with the folder name as their aspect (the stance target).
+    """
     prefix = _TWEETEVAL_SPLITS.get(split, split)
-    text_file, label_file, mapping_file = path / f"{prefix}_text.txt", path / f"{prefix}_labels.txt", path / "mapping.txt"
+    if not (path / f"{prefix}_text.txt").exists():
+        targets = sorted(d for d in path.iterdir() if (d / f"{prefix}_text.txt").exists()) if path.is_dir() else []
+        if targets:
+            if not spec.aspect_field:
+                raise TaskError(f"{path}: a TweetEval folder of targets {[d.name for d in targets]}; task '{spec.name}' "
+                                f"needs fields.aspect to keep each example's target")
+            for folder in targets:
+                yield from _read_tweeteval_folder(spec, folder, prefix, target=folder.name)
+            return
+    yield from _read_tweeteval_folder(spec, path, prefix)
+
+
+def _read_tweeteval_folder(spec: TaskSpec, path: Path, prefix: str, target: str | None = None) -> Iterator[Example]:
+    text_file, label_file = path / f"{prefix}_text.txt", path / f"{prefix}_labels.txt"
+    mapping_file = path / "mapping.txt" if (path / "mapping.txt").exists() or target is None else path.parent / "mapping.txt"
     for f in (text_file, label_file, mapping_file):
         if not f.exists():
             raise TaskError(f"{f}: missing; a TweetEval folder needs {prefix}_text.txt, {prefix}_labels.txt and mapping.txt")
     mapping = {}
-    for lineno, line in enumerate(mapping_file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(mapping_file).splitlines(), 1):
         if line.strip():
             parts = line.split("\t")
             if len(parts) != 2:
                 raise TaskError(f"{mapping_file}:{lineno}: expected '<id><TAB><label>', got {line!r}")
             mapping[parts[0].strip()] = parts[1].strip()
-    texts = text_file.read_text(encoding="utf-8").splitlines()
-    labels = label_file.read_text(encoding="utf-8").splitlines()
+    texts = read_text(text_file).splitlines()
+    labels = read_text(label_file).splitlines()
     if len(texts) != len(labels):
         raise TaskError(f"{label_file}: {len(labels)} lines, but {text_file.name} has {len(texts)}; expected one label per text")
+    id_prefix = f"{target}-{prefix}" if target else prefix
     for lineno, (text, raw) in enumerate(zip(texts, labels, strict=True), 1):
         if raw.strip() not in mapping:
-            raise TaskError(f"{label_file}:{lineno}: label id '{raw.strip()}' is not in mapping.txt {sorted(mapping)}")
-        row = {spec.text_field: text, spec.label_field: mapping[raw.strip()], spec.id_field or "id": f"{prefix}-{lineno}"}
-        yield _record(spec, row, f"{text_file}:{lineno}", f"{prefix}-{lineno}")
+            raise TaskError(f"{label_file}:{lineno}: label id '{raw.strip()}' is not in {mapping_file.name} {sorted(mapping)}")
+        row = {spec.text_field: text, spec.label_field: mapping[raw.strip()], spec.id_field or "id": f"{id_prefix}-{lineno}"}
+        if target is not None:
+            row[spec.aspect_field] = target
+        yield _record(spec, row, f"{text_file}:{lineno}", f"{id_prefix}-{lineno}")
 
 
 READERS: dict[str, Callable[[TaskSpec, Path], Iterator[Example]]] = {
@@ -137,14 +174,33 @@ assert set(READERS) | {"tweeteval"} == set(FORMATS)
 
 
 def read_split(spec: TaskSpec, split: str) -> list[Example]:
-    """Returns all examples of one split; a missing file or an empty split is an error naming the file."""
+    """Returns all examples of one split (read with the split's own format and fields, if it sets them); a missing
+    file or an empty split is an error naming the file."""
     path = spec.split_path(split)
+    spec = spec.for_split(split)
     if not path.exists():
         raise TaskError(f"{path}: no such file for split '{split}' of task '{spec.name}' ({spec.source})")
     examples = list(read_tweeteval(spec, path, split) if spec.format == "tweeteval" else READERS[spec.format](spec, path))
     if not examples:
         raise TaskError(f"{path}: split '{split}' of task '{spec.name}' is empty; expected at least one example")
     return examples
+
+
+def stratified_sample(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """Returns n examples drawn per label in proportion to the label counts (largest remainders, seeded), in their
+    original order; all of them when n is None or not smaller. A label-sorted file capped this way keeps its mix."""
+    if n is None or len(examples) <= n:
+        return list(examples)
+    by_label: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e.label, []).append(i)
+    exact = {label: n * len(idx) / len(examples) for label, idx in by_label.items()}
+    quota = {label: int(q) for label, q in exact.items()}
+    for label in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[: n - sum(quota.values())]:
+        quota[label] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], quota[label]))
+    return [examples[i] for i in chosen]
 
 
 def find_leakage(train: list[Example], test: list[Example]) -> list[Example]:

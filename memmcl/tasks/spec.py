@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -13,6 +16,24 @@ Group = Literal["SC", "ABSA", "MAST"]
 GROUPS: tuple[str, ...] = ("SC", "ABSA", "MAST")
 FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "tsv", "semeval_xml", "tweeteval")
 EMBEDDED_PREFIX = "embedded:"
+DATA_PREFIX = "data:"  # a split path inside the data folder (`data_dir` setting, $MEMMCL_DATA_DIR, ../shared/realdata)
+DATA_DIR_ENV = "MEMMCL_DATA_DIR"
+SPLIT_KEYS = {"path", "format", "fields"}
+
+
+def default_data_dirs() -> list[Path]:
+    """Returns where the data folder is looked for when no `data_dir` is set: ../shared/realdata beside the working
+    directory, then beside the project's checkout."""
+    return [Path.cwd().parent / "shared" / "realdata", Path(__file__).resolve().parents[3] / "shared" / "realdata"]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """Returns the data folder: `data_dir`, else $MEMMCL_DATA_DIR, else the first default that exists (None if none)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser().resolve()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser().resolve()
+    return next((d.resolve() for d in default_data_dirs() if d.is_dir()), None)
 
 
 class TaskError(ValueError):
@@ -48,6 +69,8 @@ class TaskSpec:
     semeval_unit: Literal["term", "category"] = "term"
     keep_conflict: bool = False
     source: str = "<memory>"
+    aliases: dict[str, str] = field(default_factory=dict, hash=False)  # label value in a file -> label
+    split_options: dict[str, dict] = field(default_factory=dict, hash=False)  # split -> its own format / fields
 
     @property
     def n_classes(self) -> int:
@@ -58,6 +81,11 @@ class TaskSpec:
         if split not in self.splits:
             raise TaskError(f"{self.source}: task '{self.name}' has no split '{split}'; it has {sorted(self.splits)}")
         raw = self.splits[split]
+        if raw.startswith(DATA_PREFIX):
+            raise TaskError(
+                f"{self.source}: split '{split}' of task '{self.name}' is in the data folder ('{raw}'), but no data folder "
+                f"is set and none of {[str(d) for d in default_data_dirs()]} exists; set data_dir (pipeline `data_dir`, "
+                f"`--data.init_args.data_dir`) or ${DATA_DIR_ENV}")
         if raw.startswith(EMBEDDED_PREFIX):
             return Path(str(resources.files("memmcl.tasks") / "embedded" / raw[len(EMBEDDED_PREFIX) :]))
         path = Path(raw).expanduser()
@@ -65,8 +93,24 @@ class TaskSpec:
             path = Path(self.source).parent / path
         return path
 
+    def for_split(self, split: str) -> TaskSpec:
+        """Returns the spec as it reads one split: that split's own `format` / `fields` where it sets them."""
+        options = self.split_options.get(split)
+        if not options:
+            return self
+        fields = options.get("fields") or {}
+        return dataclasses.replace(
+            self, format=options.get("format", self.format), text_field=fields.get("text", self.text_field),
+            label_field=fields.get("label", self.label_field), aspect_field=fields.get("aspect", self.aspect_field),
+            id_field=fields.get("id", self.id_field), split_options={})
+
     def to_dict(self) -> dict:
         """Returns the spec as the plain mapping `spec_from_dict` reads (saved beside each trained expert)."""
+        splits = {}
+        for k, v in self.splits.items():
+            # Paths are resolved, so the mapping stays valid wherever it is saved and whatever the working directory.
+            path = v if v.startswith(EMBEDDED_PREFIX) else str(self.split_path(k))
+            splits[k] = {"path": path, **self.split_options[k]} if self.split_options.get(k) else path
         out = {
             "name": self.name,
             "group": self.group,
@@ -75,19 +119,62 @@ class TaskSpec:
             "format": self.format,
             "fields": {"text": self.text_field, "label": self.label_field, "aspect": self.aspect_field, "id": self.id_field},
             "aspect_name": self.aspect_name,
-            # Relative paths are resolved, so the mapping stays valid wherever it is saved.
-            "splits": {k: v if v.startswith(EMBEDDED_PREFIX) else str(self.split_path(k)) for k, v in self.splits.items()},
+            "splits": splits,
         }
+        if self.aliases:
+            out["aliases"] = dict(self.aliases)
         if self.format == "semeval_xml":
             out.update(semeval_unit=self.semeval_unit, keep_conflict=self.keep_conflict)
         return out
 
 
-_KEYS = {"name", "group", "instruction", "labels", "format", "fields", "aspect_name", "splits", "semeval_unit", "keep_conflict"}
+_KEYS = {"name", "group", "instruction", "labels", "aliases", "format", "fields", "aspect_name", "splits", "semeval_unit",
+         "keep_conflict"}
 
 
-def spec_from_dict(data: dict, source: str = "<memory>") -> TaskSpec:
-    """Returns a validated `TaskSpec` from a YAML mapping; errors name `source` and the field."""
+def _check_fields(fields, where: str) -> dict:
+    if not isinstance(fields, dict):
+        raise TaskError(f"{where}: expected a mapping of text, label, aspect, id to column names")
+    unknown = set(fields) - {"text", "label", "aspect", "id"}
+    if unknown:
+        raise TaskError(f"{where} has unknown key(s) {sorted(unknown)}; expected text, label, aspect, id")
+    return fields
+
+
+def _split_entry(split: str, entry, source: str, data_dir: Path | None) -> tuple[str, dict]:
+    """Returns (resolved path, own format/fields) of one `splits` entry: a path, or {path, format, fields}."""
+    where = f"{source}: field 'splits.{split}'"
+    options = {}
+    if isinstance(entry, dict):
+        unknown = set(entry) - SPLIT_KEYS
+        if unknown or "path" not in entry:
+            raise TaskError(f"{where}: expected a path or a mapping with 'path' and optional 'format', 'fields'; "
+                            f"got keys {sorted(entry)}")
+        if "format" in entry:
+            if entry["format"] not in FORMATS:
+                raise TaskError(f"{where}.format is '{entry['format']}'; expected one of {list(FORMATS)}")
+            options["format"] = entry["format"]
+        if "fields" in entry:
+            options["fields"] = dict(_check_fields(entry["fields"], f"{where}.fields"))
+        entry = entry["path"]
+    if not isinstance(entry, str) or not entry.strip():
+        raise TaskError(f"{where}: expected a file or folder path, got {entry!r}")
+    if entry.startswith(EMBEDDED_PREFIX):
+        return entry, options
+    if entry.startswith(DATA_PREFIX):
+        return (str(data_dir / entry[len(DATA_PREFIX) :]) if data_dir is not None else entry), options
+    path = Path(entry).expanduser()
+    if not path.is_absolute() and source != "<memory>":
+        path = (Path(source).parent / path).resolve()
+    return str(path), options
+
+
+def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.PathLike | None = None) -> TaskSpec:
+    """Returns a validated `TaskSpec` from a YAML mapping; errors name `source` and the field.
+
+    Split paths are resolved here: relative ones against the spec file's folder, `data:` ones inside the data folder
+    (`resolve_data_dir(data_dir)`), so a spec reads the same files from any working directory.
+    """
     if not isinstance(data, dict):
         raise TaskError(f"{source}: expected a mapping with fields {sorted(_KEYS)}, got {type(data).__name__}")
     unknown = set(data) - _KEYS
@@ -104,25 +191,35 @@ def spec_from_dict(data: dict, source: str = "<memory>") -> TaskSpec:
     labels = data["labels"]
     if not isinstance(labels, dict) or len(labels) < 2:
         raise TaskError(f"{source}: field 'labels' must map at least two label names to answer words")
+    for key, value in labels.items():
+        if isinstance(key, bool) or isinstance(value, bool):
+            raise TaskError(f"{source}: field 'labels': {key!r}: {value!r} holds a YAML boolean, not a word; "
+                            f"quote label names and answer words ('yes': 'yes')")
     answers = [str(a).strip() for a in labels.values()]
     if any(not a for a in answers) or len(set(answers)) != len(answers):
         raise TaskError(f"{source}: field 'labels': answer words must be non-empty and distinct, got {answers}")
     if not isinstance(data["splits"], dict):
         raise TaskError(f"{source}: field 'splits' must map split names (train, validation, test) to files")
-    fields = data.get("fields") or {}
-    unknown_fields = set(fields) - {"text", "label", "aspect", "id"}
-    if unknown_fields:
-        raise TaskError(f"{source}: field 'fields' has unknown key(s) {sorted(unknown_fields)}; expected text, label, aspect, id")
+    fields = _check_fields(data.get("fields") or {}, f"{source}: field 'fields'")
+    label_names = [str(k) for k in labels]
+    aliases = data.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise TaskError(f"{source}: field 'aliases' must map label values found in files to label names")
+    for alias, target in aliases.items():
+        if isinstance(alias, bool) or str(target) not in label_names:
+            raise TaskError(f"{source}: field 'aliases': {alias!r} -> {target!r}; expected a quoted value -> one of {label_names}")
+    folder = resolve_data_dir(data_dir)
+    splits = {str(k): _split_entry(str(k), v, source, folder) for k, v in data["splits"].items()}
     aspect_field = fields.get("aspect")
     if data["group"] == "ABSA" and not aspect_field and fmt not in ("semeval_xml",):
         raise TaskError(f"{source}: ABSA task needs 'fields.aspect' (the field holding the aspect term)")
     return TaskSpec(
         name=str(data["name"]),
         group=data["group"],
-        labels=tuple(str(k) for k in labels),
+        labels=tuple(label_names),
         answers=tuple(answers),
         instruction=str(data["instruction"]).strip(),
-        splits={str(k): str(v) for k, v in data["splits"].items()},
+        splits={k: path for k, (path, _) in splits.items()},
         format=fmt,
         text_field=fields.get("text", "text"),
         label_field=fields.get("label", "label"),
@@ -132,6 +229,8 @@ def spec_from_dict(data: dict, source: str = "<memory>") -> TaskSpec:
         semeval_unit=data.get("semeval_unit", "term"),
         keep_conflict=bool(data.get("keep_conflict", False)),
         source=source,
+        aliases={str(k): str(v) for k, v in aliases.items()},
+        split_options={k: options for k, (_, options) in splits.items() if options},
     )
 
 
@@ -145,7 +244,18 @@ def embedded_task_names() -> list[str]:
     return sorted(p.stem for p in task_config_dir().glob("*.yaml"))
 
 
-def load_task_spec(name_or_path: str) -> TaskSpec:
+class _SpecLoader(yaml.SafeLoader):
+    """YAML as task specs mean it: `yes`, `no`, `on`, `off` stay words (YAML 1.2); only true/false are booleans."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_task_spec(name_or_path: str, data_dir: str | os.PathLike | None = None) -> TaskSpec:
     """Returns the spec for a shipped task name (`sc_binary`) or a path to a task YAML file."""
     path = Path(name_or_path).expanduser()
     if not path.suffix:
@@ -155,15 +265,15 @@ def load_task_spec(name_or_path: str) -> TaskSpec:
     if not path.exists():
         raise TaskError(f"{path}: no such task spec file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)
     except yaml.YAMLError as err:
         raise TaskError(f"{path}: not valid YAML ({err})") from err
-    return spec_from_dict(data, source=str(path))
+    return spec_from_dict(data, source=str(path), data_dir=data_dir)
 
 
-def load_task_specs(names: list[str | TaskSpec]) -> list[TaskSpec]:
+def load_task_specs(names: list[str | TaskSpec], data_dir: str | os.PathLike | None = None) -> list[TaskSpec]:
     """Returns the specs for several tasks (names, paths or specs); two tasks with one name is an error naming both sources."""
-    specs = [n if isinstance(n, TaskSpec) else load_task_spec(n) for n in names]
+    specs = [n if isinstance(n, TaskSpec) else load_task_spec(n, data_dir) for n in names]
     seen: dict[str, TaskSpec] = {}
     for spec in specs:
         if spec.name in seen:
