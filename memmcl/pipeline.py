@@ -102,11 +102,13 @@ class MergeConfig:
 
 @dataclass
 class DemoConfig:
-    """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none)."""
+    """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none); `fixed`: one set per task
+    for every query (the few-shot protocol, faster to score) instead of a set per query."""
 
     k: int = 4
     scope: DemoScope = "task"
     max_length: int = 384
+    fixed: bool = False
 
 
 def config_hash(obj) -> str:
@@ -392,7 +394,7 @@ class Pipeline:
         if self.demos.k > 0:
             for order in ("curriculum", "random"):
                 icl = dm(self.specs, max_length=self.demos.max_length, demonstrations=self.demos.k, demo_order=order,
-                         demo_scope=self.demos.scope, demo_losses=str(self.run_dir / "weak"),
+                         demo_scope=self.demos.scope, demo_fixed=self.demos.fixed, demo_losses=str(self.run_dir / "weak"),
                          difficulty_file=str(self.run_dir / "difficulty" / "difficulty.json"))
                 suffix = "" if order == "curriculum" else "_random"
                 results[f"evolved_global+icl{suffix}"] = dict(search.evaluate(trainer, models["evolved_global"], icl, split="test"))

@@ -166,7 +166,8 @@ def write_report(run_dir: str | Path) -> Path:
     if phases:
         lines.append(f"Wall time of the latest run: {phases.get('wall_seconds')} s.")
     if results.get("max_eval_examples"):
-        lines.append(f"Test accuracy over the first {results['max_eval_examples']} test examples of each task only.")
+        lines.append(f"Test accuracy over {results['max_eval_examples']} test examples of each task only (a seeded, "
+                     "label-stratified sample).")
     lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
               "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
     lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]

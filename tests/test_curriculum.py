@@ -166,6 +166,19 @@ def test_demonstrations_come_from_train_only_in_the_configured_order(tiny_dir):
                                      losses={spec.name: losses}, seed=1)
     assert sorted(d.text for d in shuffled) == sorted(d.text for d in demos) and shuffled != demos
     assert select_demonstrations(query, spec.name, specs, {spec.name: splits["train"]}, 6, "none") == []
+    hard_first = select_demonstrations(query, spec.name, specs, {spec.name: splits["train"]}, 6, "reverse",
+                                       losses={spec.name: losses}, seed=1)
+    assert hard_first == demos[::-1]
+
+
+def test_fixed_demonstration_set_is_the_same_for_every_query():
+    spec = load_task_spec("sc_3class")
+    splits, _ = read_task(spec)
+    specs, train = {spec.name: spec}, {spec.name: splits["train"]}
+    sets = [select_demonstrations(q, spec.name, specs, train, 4, "curriculum", fixed=True) for q in splits["test"][:20]]
+    assert all(s == sets[0] for s in sets) and len(sets[0]) == 4
+    per_query = [select_demonstrations(q, spec.name, specs, train, 4, "curriculum") for q in splits["test"][:20]]
+    assert len({tuple(d.text for d in s) for s in per_query}) > 1
 
 
 def test_datamodule_puts_demonstrations_in_eval_prompts_only(tiny_dir):

@@ -1,10 +1,12 @@
 """Curriculum in-context learning: k demonstrations from training data, put in the prompt easy → hard.
 
 For a query of task t, the pool is t's training split (`scope: task`) or the training splits of every task of t's
-group (`scope: group`). k examples are drawn from it with a seed that depends on the query, labels taken in turn so
-every label shows up when k allows. They are then ordered:
+group (`scope: group`). k examples are drawn from it with a seed that depends on the query (or, with `fixed`, only on
+the task: one demonstration set for every query, the standard few-shot protocol, whose prompts then share their
+prefix), labels taken in turn so every label shows up when k allows. They are then ordered:
 - `curriculum`: by task difficulty (easy tasks first, for a group pool), then by per-example difficulty (the expert's
   loss on the gold label when known, else input length), easy first;
+- `reverse`: the curriculum order reversed (hard → easy, the ablation that can show the order matters);
 - `random`: a seeded shuffle of the same k examples (the ablation);
 - `none`: no demonstrations.
 Validation and test data never enter a pool.
@@ -19,7 +21,7 @@ from typing import Literal
 from memmcl.tasks.prompts import Demonstration
 from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
-DemoOrder = Literal["curriculum", "random", "none"]
+DemoOrder = Literal["curriculum", "reverse", "random", "none"]
 DemoScope = Literal["task", "group"]
 
 
@@ -41,8 +43,11 @@ def select_demonstrations(
     task_order: list[str] | None = None,
     losses: Mapping[str, Mapping[str, float]] | None = None,
     seed: int = 0,
+    fixed: bool = False,
 ) -> list[Demonstration]:
-    """Returns k demonstrations for `query` of `task`, drawn from `train` only and put in `order`."""
+    """Returns k demonstrations for `query` of `task`, drawn from `train` only and put in `order`.
+
+    A training example with the query's own text is never drawn (with `fixed`, only that query's set differs)."""
     if order == "none" or k <= 0:
         return []
     spec = specs[task]
@@ -50,7 +55,7 @@ def select_demonstrations(
     if task not in train:
         raise TaskError(f"task '{task}': in-context demonstrations need its train split, which was not loaded")
     pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
-    rng = random.Random(f"{seed}:{task}:{query.id}")
+    rng = random.Random(f"{seed}:{task}" if fixed else f"{seed}:{task}:{query.id}")
     rng.shuffle(pool)
     by_label: dict[tuple[str, int], list[tuple[str, Example]]] = {}
     for t, e in pool:
@@ -61,11 +66,13 @@ def select_demonstrations(
         for q in queues:
             if q and len(picked) < k:
                 picked.append(q.pop())
-    if order == "curriculum":
+    if order in ("curriculum", "reverse"):
         rank = {t: i for i, t in enumerate(task_order or [])}
         picked.sort(key=lambda te: (rank.get(te[0], len(rank)), example_difficulty(te[1], (losses or {}).get(te[0]))))
+        if order == "reverse":
+            picked.reverse()
     elif order == "random":
         rng.shuffle(picked)
     else:
-        raise TaskError(f"demonstration order '{order}': expected one of curriculum, random, none")
+        raise TaskError(f"demonstration order '{order}': expected one of curriculum, reverse, random, none")
     return [Demonstration(e.text, specs[t].answers[e.label], e.aspect) for t, e in picked]

@@ -44,15 +44,28 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
-    """Returns the name under which `model_class.forward` takes a key/value cache (transformers >= 5.2x: `cache`)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _cache_argument(model_class: type) -> str | None:
+    """Returns the name under which `model_class.forward` takes a key/value cache (transformers >= 5.2x: `cache`),
+    None when it only passes keyword arguments on (a wrapper)."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def with_cache(model, cache) -> dict:
-    """Returns the keyword argument that hands `cache` to the model's forward, whatever its transformers version."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {_cache_argument(type(base)): cache}
+    """Returns the keyword argument that hands `cache` to the model's forward, whatever its transformers version;
+    wrappers (peft, `MultiLoRAModel`) are looked through to the language model they call."""
+    inner = model
+    while (name := _cache_argument(type(inner))) is None:
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else getattr(inner, "model", None)
+        if inner is None:
+            return {"past_key_values": cache}
+    return {name: cache}
+
+
+def output_cache(out):
+    """Returns the key/value cache of a model output (`cache` in transformers >= 5.2x, `past_key_values` before)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def is_checkpointing(model) -> bool:
@@ -97,7 +110,7 @@ def _prefix_cache(model, seqs: list[list[int]], keep: int, device, reuse: bool):
     prefix = shared_prefix_length(seqs, keep=keep)
     if prefix < MIN_SHARED_PREFIX:
         return 0, None
-    cache = model(input_ids=torch.tensor([seqs[0][:prefix]], device=device), use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=torch.tensor([seqs[0][:prefix]], device=device), use_cache=True))
     if reuse:
         _PREFIX_CACHES[model] = (state, tuple(seqs[0][:prefix]), cache)
     return prefix, cache
@@ -187,7 +200,7 @@ def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, sh
         for r, c in enumerate(continuations):
             cont[r, : len(c)] = torch.tensor(c)
             cont_mask[r, : len(c)] = 1
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_select_indices(example_of_row)
         full_mask = torch.cat([mask[example_of_row], cont_mask.to(device)], dim=1)
         positions = mask.sum(-1)[example_of_row][:, None] + torch.arange(width, device=device)[None]

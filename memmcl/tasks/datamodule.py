@@ -139,7 +139,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         seed: sampling seed.
         demonstrations: in-context demonstrations per evaluation prompt (validation / test / predict; never train),
             drawn from training data only (see `memmcl.curriculum.demonstrations`).
-        demo_order: `curriculum` (easy → hard), `random` or `none`.
+        demo_order: `curriculum` (easy → hard), `reverse` (hard → easy), `random` or `none`.
+        demo_fixed: one demonstration set per task for every query (the few-shot protocol; prompts share their
+            prefix, so scoring is faster) instead of a set drawn per query.
         demo_scope: draw demonstrations from the query's task (`task`) or from every task of its group (`group`).
         demo_losses: a folder of `<task>.example_loss.json` files ({example id: expert loss}, written by weak-data
             mining) that rank examples by difficulty; without it, shorter inputs count as easier.
@@ -165,9 +167,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         difficulty_file: str | None = None,
         max_eval_examples: int | None = None,
         data_dir: str | None = None,
+        demo_fixed: bool = False,
     ):
         super().__init__()
-        self.max_eval_examples = max_eval_examples
+        self.max_eval_examples, self.demo_fixed = max_eval_examples, demo_fixed
         if demonstrations < 0:
             raise TaskError(f"data.demonstrations={demonstrations}: expected a count >= 0")
         self.demonstrations, self.demo_order, self.demo_scope = demonstrations, demo_order, demo_scope
@@ -232,7 +235,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
         def demos_for(task: str, example: Example) -> list:
             return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
-                                         self.demo_scope, task_order, losses, self.seed)
+                                         self.demo_scope, task_order, losses, self.seed, self.demo_fixed)
 
         return demos_for
 
