@@ -80,13 +80,14 @@ def pipeline_main(args: list[str]) -> None:
     parser.add_class_arguments(Pipeline)
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
-    pipeline = Pipeline(**{k: v for k, v in init.items() if k != "config"})
-    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(**{k: v for k, v in init.items() if k != "config"})  # every setting checked here
     from lightning.pytorch.utilities import rank_zero_only
 
-    if rank_zero_only.rank == 0:
-        parser.save(cfg, str(pipeline.run_dir / "config.yaml"), overwrite=True, skip_check=True)
-    results = pipeline.run()
+    def write_config() -> None:  # only once the settings passed and the run directory is ours
+        if rank_zero_only.rank == 0:
+            parser.save(cfg, str(pipeline.run_dir / "config.yaml"), overwrite=True, skip_check=True)
+
+    results = pipeline.run(on_locked=write_config)
     if rank_zero_only.rank == 0:
         means = results["means"]
         width = max(len(m) for m in means)
@@ -115,10 +116,19 @@ def main(args: list[str] | None = None) -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if args is None else args)
-    # The method's whole-run verbs have their own parsers (no single model or datamodule to configure).
-    if argv and argv[0] in ("pipeline", "report"):
-        return (pipeline_main if argv[0] == "pipeline" else report_main)(argv[1:])
-    MemmclCLI(args=args)
+    verbose = "--verbose" in argv or os.environ.get("MEMMCL_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        # The method's whole-run verbs have their own parsers (no single model or datamodule to configure).
+        if argv and argv[0] in ("pipeline", "report"):
+            return (pipeline_main if argv[0] == "pipeline" else report_main)(argv[1:])
+        MemmclCLI(args=argv)
+    except ValueError as err:
+        # Our own errors (bad settings, files, experts) name the field or file: one line, no traceback, unless asked.
+        if verbose or not type(err).__module__.startswith("memmcl"):
+            raise
+        print(f"memmcl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 __all__ = ["MemmclCLI", "MemmclTrainer", "TensorBoardLogger", "main"]

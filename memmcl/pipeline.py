@@ -18,6 +18,7 @@ search resumes at its last finished generation); a changed setting re-runs that 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -26,9 +27,8 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -37,12 +37,20 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from memmcl.curriculum.demonstrations import DemoScope
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
 from memmcl.experts.backbone import Dtype
 from memmcl.experts.expert import LoRAExpert, write_atomic
-from memmcl.merging.methods import MergeMethod
+from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.rundir import RunLock, file_problem, init_worker, sweep_temporaries
+from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settings)
+    DemoConfig,
+    ExpertConfig,
+    MergeConfig,
+    PipelineError,
+    TrainerConfig,
+    check_pipeline_settings,
+)
 from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
 
@@ -50,65 +58,7 @@ log = logging.getLogger(__name__)
 PHASE_FILE = ".phase.json"
 
 
-@dataclass
-class TrainerConfig:
-    """Settings of every Trainer the pipeline builds (`--trainer.strategy ddp --trainer.devices 2` for DDP)."""
-
-    accelerator: str = "cpu"
-    devices: int | str = 1
-    strategy: str = "auto"
-    precision: str | None = None
-    progress_bar: bool = True
-
-
-@dataclass
-class ExpertConfig:
-    """LoRA SFT of one expert per task (see `LoRAExpert`); training stops early once validation accuracy reaches
-    `stop_at_accuracy` (null: never)."""
-
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    lr_schedule: Literal["cosine", "constant"] = "constant"
-    max_epochs: int = 40
-    batch_size: int = 16
-    stop_at_accuracy: float | None = 0.97
-    max_train_examples: int | None = None
-    gradient_checkpointing: bool = False
-    workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
-
-
-@dataclass
-class MergeConfig:
-    """The evolutionary merge (see `MergeSearch` for each field)."""
-
-    algorithm: Literal["cmaes", "ga"] = "cmaes"
-    population: int = 8
-    generations: int = 6
-    sigma: float = 0.3
-    bounds: tuple[float, float] = (0.0, 2.0)
-    blocks: int = 1
-    method: MergeMethod = "linear"
-    density: float = 0.5
-    max_weak_examples: int | None = 64
-    min_weak_examples: int = 32
-    weak_anchor_ratio: float = 0.0
-    task_weights: dict[str, float] | None = None
-    groups: dict[str, list[str]] | None = None
-
-
-@dataclass
-class DemoConfig:
-    """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none); `fixed`: one set per task
-    for every query (the few-shot protocol, faster to score) instead of a set per query."""
-
-    k: int = 4
-    scope: DemoScope = "task"
-    max_length: int = 384
-    fixed: bool = False
+EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.json", "expert/adapter_model.safetensors")
 
 
 def config_hash(obj) -> str:
@@ -125,6 +75,10 @@ def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
                 if f.is_file():
                     digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data) -> None:
@@ -174,21 +128,27 @@ class Pipeline:
         self.run_dir = Path(root) / name
         self.phases: dict[str, dict] = {}
         self._search: MergeSearch | None = None
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Checks every setting that a later phase would reject, so a bad one fails before any expert is trained."""
+        check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
+                                self.demos, self.difficulty_weights, [s.name for s in self.specs])
 
     # ---- phase bookkeeping ---------------------------------------------------------------------------------------
 
-    def _done(self, phase_dir: Path, key: str) -> dict | None:
+    def _done(self, phase_dir: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
+        """Returns the phase's marker if it holds `key` and every output file is whole; an unreadable marker or a
+        missing or corrupt output is named in a warning and the phase is done again."""
         marker = phase_dir / PHASE_FILE
-        if marker.exists():
-            data = json.loads(marker.read_text())
-            if data.get("key") == key:
-                return data
-        return None
-
-    def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
-        record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
-        _write_json(phase_dir / PHASE_FILE, record)
-        self.phases[phase] = {**record, "skipped": False}
+        if not marker.exists():
+            return None
+        for path in (marker, *(phase_dir / name for name in outputs)):
+            if problem := file_problem(path):
+                log.warning("%s: %s; the phase runs again", path, problem)
+                return None
+        data = json.loads(marker.read_text())
+        return data if isinstance(data, dict) and data.get("key") == key else None
 
     def _skip(self, phase: str, marker: dict) -> None:
         if phase in self.phases:  # done by this run (in a worker process)
@@ -216,7 +176,7 @@ class Pipeline:
         capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs]])
-        if marker := self._done(out, key):
+        if marker := self._done(out, key, ("metadata.json",)):
             self._skip("data", marker)
             return json.loads((out / "metadata.json").read_text())
         started = time.time()
@@ -241,7 +201,7 @@ class Pipeline:
         """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
         out = self.run_dir / "experts" / spec.name
         key = self.expert_key(spec)
-        if marker := self._done(out, key):
+        if marker := self._done(out, key, EXPERT_OUTPUTS):
             self._skip(f"expert:{spec.name}", marker)
             return json.loads((out / "metrics.json").read_text())
         started = time.time()
@@ -274,7 +234,8 @@ class Pipeline:
         """Trains the experts not yet done in `expert.workers` processes (one CPU device only: a tiny model's step
         is mostly per-op overhead, so two single-thread processes train ~1.5x faster than one with two threads)."""
         t = self.trainer_config
-        pending = [s for s in self.specs if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s))]
+        pending = [s for s in self.specs
+                   if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)]
         if self.expert.workers <= 1 or len(pending) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
                 or str(t.devices) != "1":
             return
@@ -286,7 +247,7 @@ class Pipeline:
         worker_view = copy.copy(self)
         worker_view.trainer_config = dataclasses.replace(t, progress_bar=False)
         log.info("training %d experts in %d processes of %d thread(s)", len(pending), workers, threads)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
                                  initargs=(threads,)) as pool:
             jobs = [(s.name, pool.submit(_expert_job, worker_view, s)) for s in pending]
             for name, job in jobs:
@@ -312,7 +273,8 @@ class Pipeline:
         out = self.run_dir / "weak"
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
                            self.merge.weak_anchor_ratio, self.expert.max_train_examples])
-        if marker := self._done(out, key):
+        outputs = ("summary.yaml", *(f"{s.name}{suffix}" for s in self.specs for suffix in (".jsonl", ".example_loss.json")))
+        if marker := self._done(out, key, outputs):
             self._skip("weak", marker)
         else:
             started = time.time()
@@ -326,7 +288,7 @@ class Pipeline:
         features = {s.name: task_features(metadata[s.name], expert_metrics[s.name]["acc"],
                                           weak[s.name]["wrong"] / weak[s.name]["train"]) for s in self.specs}
         key = config_hash([features, self.difficulty_weights])
-        if marker := self._done(out, key):
+        if marker := self._done(out, key, ("difficulty.json",)):
             self._skip("difficulty", marker)
             return json.loads((out / "difficulty.json").read_text())
         started = time.time()
@@ -348,7 +310,7 @@ class Pipeline:
         """Group searches, then the global search, into merge/; returns (key, best_genome record)."""
         out = self.run_dir / "merge"
         key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
-        if marker := self._done(out, key):
+        if marker := self._done(out, key, (GENOME_FILE,)):
             self._skip("merge", marker)
             return key, yaml.safe_load((out / GENOME_FILE).read_text())
         started = time.time()
@@ -366,7 +328,7 @@ class Pipeline:
         with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
         out = self.run_dir / "eval"
         key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.max_eval_examples])
-        if marker := self._done(out, key):
+        if marker := self._done(out, key, ("results.json",)):
             self._skip("eval", marker)
             return json.loads((out / "results.json").read_text())
         started = time.time()
@@ -415,14 +377,29 @@ class Pipeline:
 
     # ---- the whole run -------------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
-        """Runs every phase not already done; writes config.yaml, eval/results.json and report/; returns the results."""
+    def run(self, on_locked=None) -> dict:
+        """Runs every phase not already done, holding the run directory's lock (rank 0; one run per directory);
+        `on_locked()` runs first under the lock (the CLI writes config.yaml there). Writes eval/results.json and
+        report/; returns the results."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+        with lock:
+            if rank_zero_only.rank == 0:
+                for path in sweep_temporaries(self.run_dir):
+                    log.warning("%s: left by a killed run, removed", path)
+            if on_locked is not None:
+                on_locked()
+            return self._run_phases()
+
+    def _run_phases(self) -> dict:
         started = time.time()
         metadata = self.data_phase()
         self.parallel_experts()
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
-        expert_keys = {s.name: self.expert_key(s) for s in self.specs}
+        # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
+        # retrained adapter re-runs weak data, difficulty, merge and evaluation)
+        expert_keys = {s.name: [self.expert_key(s), _file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
+                       for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)
         merge_key, record = self.merge_phase(expert_keys)

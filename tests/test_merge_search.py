@@ -125,7 +125,7 @@ def test_search_is_deterministic_and_resumes_to_the_same_result(experts, tmp_pat
     monkeypatch.setattr(MergeSearch, "_after_generation", kill)
     with pytest.raises(Killed):
         search(experts, tmp_path / "killed").run(trainer())
-    state = tmp_path / "killed" / "stages" / "MAST" / "state.pkl"
+    state = tmp_path / "killed" / "stages" / "MAST" / "state.json"
     assert state.exists() and not (tmp_path / "killed" / GENOME_FILE).exists()
     monkeypatch.undo()
     resumed = search(experts, tmp_path / "killed").run(trainer(), resume=True)

@@ -67,6 +67,27 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     assert ran == {"merge", "eval"}
     assert third.phases["merge"]["resumed"] is False
 
+    # a corrupt output of a finished phase is named and the phase redone; the seeded retrain is bit-identical, so
+    # nothing downstream changes and the results are byte-identical
+    before = (run / "eval" / "results.json").read_bytes()
+    adapter = run / "experts" / "irony" / "expert" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])
+    (run / "eval" / ".phase.json").write_text("{not json")
+    fourth = pipeline(tmp_path, tiny_dir, generations=3)
+    fourth.run()
+    assert {p for p, r in fourth.phases.items() if not r["skipped"]} == {"expert:irony", "eval"}
+    assert (run / "eval" / "results.json").read_bytes() == before
+
+    # a replaced adapter re-runs what consumed it (weak data, merge, evaluation), not the experts
+    from safetensors.torch import load_file, save_file
+
+    replaced = run / "experts" / "sc_binary" / "expert" / "adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(str(replaced)).items()}, str(replaced))
+    fifth = pipeline(tmp_path, tiny_dir, generations=3)
+    fifth.run()
+    ran = {p for p, r in fifth.phases.items() if not r["skipped"]}
+    assert {"weak", "merge", "eval"} <= ran and not any(p.startswith("expert:") for p in ran)
+
 
 def test_report_names_what_is_missing(tmp_path):
     (tmp_path / "run").mkdir()

@@ -74,6 +74,19 @@ def task_features(metadata: Mapping, expert_accuracy: float | None = None, weak_
     return features
 
 
+def check_weights(weights: Mapping[str, float] | None, extra_features=()) -> dict[str, float]:
+    """Returns the feature weights (`DEFAULT_WEIGHTS` for None), checked: known features, finite numbers >= 0."""
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    known = set(FEATURES) | set(extra_features)
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise DifficultyError(f"difficulty weights name unknown feature(s) {unknown}; known: {sorted(known)}")
+    for f, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise DifficultyError(f"difficulty weight '{f}' = {w!r}: expected a finite number >= 0")
+    return weights
+
+
 def difficulty_scores(features: Mapping[str, Mapping[str, float]], weights: Mapping[str, float] | None = None) -> Difficulty:
     """Returns the `Difficulty` of tasks from their features ({task: {feature: value}}) and feature weights.
 
@@ -81,15 +94,10 @@ def difficulty_scores(features: Mapping[str, Mapping[str, float]], weights: Mapp
     """
     if not features:
         raise DifficultyError("difficulty needs at least one task's features; got none")
-    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
     present = {f for values in features.values() for f in values}
-    unknown = sorted(set(weights) - present - set(FEATURES))
-    if unknown:
-        raise DifficultyError(f"difficulty weights name unknown feature(s) {unknown}; known: {sorted(set(FEATURES) | present)}")
+    weights = check_weights(weights, present)
     used: dict[str, float] = {}
     for f, w in weights.items():
-        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise DifficultyError(f"difficulty weight '{f}' = {w!r}: expected a finite number >= 0")
         have = [t for t, values in features.items() if f in values]
         if w == 0 or not have:
             continue

@@ -1,4 +1,4 @@
-"""The DEAP side of the merge search: a picklable search state, `propose` a generation, `tell` it its fitness.
+"""The DEAP side of the merge search: a search state saved as JSON, `propose` a generation, `tell` it its fitness.
 
 DEAP draws from numpy's and Python's global RNGs, which Lightning re-seeds in every DDP trainer call, so the state
 keeps its own streams and swaps them in only while DEAP draws. With the same seed, the same genomes come out on every
@@ -7,6 +7,7 @@ rank and after a resume.
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Literal
 
@@ -102,3 +103,62 @@ def tell(state: dict, algorithm: Algorithm, individuals: list, baseline: tuple[l
     state["generation"] += 1
     state["history"].append({"generation": state["generation"], "best": state["best"][1], "mean": float(np.mean(fits)),
                              "max": max(fits), "evaluated": len(state["cache"])})
+
+
+STATE_KEYS = {"generation", "cache", "best", "history", "population", "np_rng", "py_rng", "strategy"}
+
+
+def _encode(value):
+    from deap import cma
+
+    if isinstance(value, cma.Strategy):
+        return {"__cma__": _encode(vars(value))}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__items__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    return value
+
+
+def _decode(value):
+    from deap import cma
+
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__cma__" in value:
+        strategy = object.__new__(cma.Strategy)  # plain attributes only: nothing in the file is executed
+        strategy.__dict__.update(_decode(value["__cma__"]))
+        return strategy
+    if "__ndarray__" in value:
+        return np.array(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k): _decode(v) for k, v in value["__items__"]}
+    return {k: _decode(v) for k, v in value.items()}
+
+
+def dump_state(state: dict) -> bytes:
+    """Returns the search state as JSON (exact: floats and RNG streams round-trip), never a pickle."""
+    return json.dumps(_encode(state)).encode()
+
+
+def load_state(data: bytes, source: str) -> dict:
+    """Returns a search state read by `dump_state`; anything else is a ValueError naming `source`."""
+    try:
+        state = _decode(json.loads(data))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{source}: not a search state written by memmcl ({err})") from None
+    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+        raise ValueError(f"{source}: not a search state written by memmcl (expected keys {sorted(STATE_KEYS)})")
+    return state

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -260,7 +259,7 @@ class MergeSearch(LabelScoringModule):
         """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task}."""
         h = self.hparams
         stage_dir = self.out_dir / "stages" / stage
-        state_path = stage_dir / "state.pkl"
+        state_path = stage_dir / "state.json"
         result_path = stage_dir / "result.yaml"
         if resume and result_path.exists():
             log.info("stage %s: done before, reusing %s", stage, result_path)
@@ -268,7 +267,10 @@ class MergeSearch(LabelScoringModule):
         dm = self._datamodule(weak)
         centroid = [1.0 / basis.shape[0]] * (basis.shape[0] * h.blocks)  # the uniform merge of the members
         if resume and state_path.exists():
-            state = pickle.loads(state_path.read_bytes())
+            try:
+                state = evolution.load_state(state_path.read_bytes(), str(state_path))
+            except ValueError as err:
+                raise MergeError(f"{err}; delete it to restart stage '{stage}'") from None
             log.info("stage %s: resuming after generation %d", stage, state["generation"])
         else:
             state = evolution.new_state(h.algorithm, centroid, h.sigma, h.population, h.seed)
@@ -293,7 +295,7 @@ class MergeSearch(LabelScoringModule):
             evolution.tell(state, h.algorithm, population, (centroid, uniform))
             self._log_generation(trainer, stage, state, member_names)
             if trainer.is_global_zero:
-                write_atomic(state_path, pickle.dumps(state))
+                write_atomic(state_path, evolution.dump_state(state))
             trainer.strategy.barrier()
             if progress is not None:
                 progress.update(1)

@@ -229,8 +229,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.demo_losses is not None:
             for name in specs:
                 path = Path(self.demo_losses) / f"{name}.example_loss.json"
-                if path.exists():
-                    losses[name] = json.loads(path.read_text())
+                if not path.exists():  # silently ranking by length instead would change the prompts
+                    raise TaskError(f"data.demo_losses: {path} is missing; expected each task's per-example losses "
+                                    f"(written by weak-data mining), or leave demo_losses unset to rank by input length")
+                losses[name] = json.loads(path.read_text())
         task_order = read_difficulty_order(self.difficulty_file, "data.difficulty_file") if self.difficulty_file is not None else None
 
         def demos_for(task: str, example: Example) -> list:

@@ -1,0 +1,151 @@
+"""One writer per run directory: a lock file naming its holder, and worker processes that die with their parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+LOCK_FILE = ".lock"
+
+
+def file_problem(path: Path) -> str | None:
+    """Returns what is wrong with an output file (missing, unparsable JSON / YAML, truncated safetensors), else None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif path.suffix == ".safetensors":
+            data = path.read_bytes()
+            size = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + size])
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if len(data) != 8 + size + end:
+                return f"truncated ({len(data)} bytes, the header says {8 + size + end})"
+    except (ValueError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return f"corrupt ({type(err).__name__})"
+    return None
+
+
+class RunDirError(ValueError):
+    """A run directory another process is using; the message names the directory and the holder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Holds `<run_dir>/.lock` while a pipeline runs (a context manager).
+
+    The lock is created exclusively and holds the holder's pid and host. A second run on the same directory fails at
+    once naming that pid; a lock whose process is gone (killed run, same host) is stale and taken over.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and (holder.get("host") != socket.gethostname() or _alive(int(holder["pid"]))):
+                    raise RunDirError(
+                        f"{self.path.parent}: another memmcl pipeline (pid {holder['pid']} on {holder.get('host')}) is "
+                        f"using this run directory; wait for it, stop it, or choose another `name`") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            self.held = True
+            return self
+        raise RunDirError(f"{self.path}: could not take the run directory's lock")
+
+    def _holder(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) and "pid" in data else None
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# what a killed writer leaves: `write_atomic`'s `.<name>.tmp` files and `atomic_save_dir`'s `.<name>.<8 chars>` and
+# `.<name>.old.<8 chars>` folders (tempfile.mkdtemp)
+_TEMPORARY = re.compile(r"^\.(.+\.tmp|[^/]+\.(old\.)?[a-z0-9_]{8})$")
+
+
+def sweep_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files and folders that killed writers left in a run directory (call it holding the
+    run's lock, so no writer is active); returns what was removed."""
+    found = [p for p in Path(run_dir).rglob(".*") if _TEMPORARY.match(p.name) and p.name != LOCK_FILE]
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts)):
+        if not path.exists():  # inside a folder removed before it
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path)
+    return removed
+
+
+def die_with_parent() -> None:
+    """Makes this (worker) process exit when its parent dies, even by SIGKILL: the kernel's parent-death signal on
+    Linux, else a thread that watches the parent pid."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def init_worker(threads: int) -> None:
+    """Initializer of the pipeline's expert worker processes: die with the parent, use `threads` threads."""
+    import torch
+
+    die_with_parent()
+    torch.set_num_threads(threads)

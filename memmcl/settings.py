@@ -1,0 +1,120 @@
+"""The pipeline's settings: one dataclass per phase, and the check that runs before the first phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from memmcl.curriculum.demonstrations import DemoScope
+from memmcl.curriculum.difficulty import check_weights
+from memmcl.merging.methods import MergeMethod
+
+
+class PipelineError(ValueError):
+    """A pipeline setting that cannot work; the message names the config field and what was expected."""
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise PipelineError(f"{field}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of every Trainer the pipeline builds (`--trainer.strategy ddp --trainer.devices 2` for DDP)."""
+
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class ExpertConfig:
+    """LoRA SFT of one expert per task (see `LoRAExpert`); training stops early once validation accuracy reaches
+    `stop_at_accuracy` (null: never)."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "constant"] = "constant"
+    max_epochs: int = 40
+    batch_size: int = 16
+    stop_at_accuracy: float | None = 0.97
+    max_train_examples: int | None = None
+    gradient_checkpointing: bool = False
+    workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
+
+
+@dataclass
+class MergeConfig:
+    """The evolutionary merge (see `MergeSearch` for each field)."""
+
+    algorithm: Literal["cmaes", "ga"] = "cmaes"
+    population: int = 8
+    generations: int = 6
+    sigma: float = 0.3
+    bounds: tuple[float, float] = (0.0, 2.0)
+    blocks: int = 1
+    method: MergeMethod = "linear"
+    density: float = 0.5
+    max_weak_examples: int | None = 64
+    min_weak_examples: int = 32
+    weak_anchor_ratio: float = 0.0
+    task_weights: dict[str, float] | None = None
+    groups: dict[str, list[str]] | None = None
+
+
+@dataclass
+class DemoConfig:
+    """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none); `fixed`: one set per task
+    for every query (the few-shot protocol, faster to score) instead of a set per query."""
+
+    k: int = 4
+    scope: DemoScope = "task"
+    max_length: int = 384
+    fixed: bool = False
+
+
+def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_examples: int | None, e: ExpertConfig,
+                            m: MergeConfig, d: DemoConfig, difficulty_weights: dict | None, names: list[str]) -> None:
+    """Checks every setting a later phase would reject, so a bad one fails before any expert is trained; each error
+    names the config field (`merge.population: expected an integer >= 2, got 1`)."""
+    for field, value in [("max_length", max_length), ("eval_batch_size", eval_batch_size),
+                         ("expert.lora_r", e.lora_r), ("expert.max_epochs", e.max_epochs),
+                         ("expert.batch_size", e.batch_size), ("expert.workers", e.workers), ("merge.blocks", m.blocks)]:
+        _require(value >= 1, field, value, "an integer >= 1")
+    for field, value in [("max_eval_examples", max_eval_examples), ("expert.max_train_examples", e.max_train_examples),
+                         ("merge.max_weak_examples", m.max_weak_examples)]:
+        _require(value is None or value >= 1, field, value, "null or an integer >= 1")
+    _require(e.lr > 0, "expert.lr", e.lr, "a learning rate > 0")
+    _require(0 <= e.lora_dropout < 1, "expert.lora_dropout", e.lora_dropout, "a probability in [0, 1)")
+    _require(e.stop_at_accuracy is None or 0 < e.stop_at_accuracy <= 1, "expert.stop_at_accuracy", e.stop_at_accuracy,
+             "null or an accuracy in (0, 1]")
+    _require(m.population >= 2, "merge.population", m.population, "an integer >= 2")
+    _require(m.generations >= 1, "merge.generations", m.generations, "an integer >= 1")
+    _require(m.sigma > 0, "merge.sigma", m.sigma, "a step size > 0")
+    _require(len(m.bounds) == 2 and m.bounds[0] < m.bounds[1], "merge.bounds", list(m.bounds), "[low, high] with low < high")
+    _require(0 < m.density <= 1, "merge.density", m.density, "a share in (0, 1]")
+    _require(m.min_weak_examples >= 0, "merge.min_weak_examples", m.min_weak_examples, "an integer >= 0")
+    _require(m.weak_anchor_ratio >= 0, "merge.weak_anchor_ratio", m.weak_anchor_ratio, "a ratio >= 0")
+    if m.task_weights is not None:
+        unknown = sorted(set(m.task_weights) - set(names))
+        _require(not unknown, "merge.task_weights", unknown, f"task names among {names}")
+        _require(all(w >= 0 for w in m.task_weights.values()) and any(w > 0 for w in m.task_weights.values()),
+                 "merge.task_weights", m.task_weights, "weights >= 0, at least one > 0")
+    for group, members in (m.groups or {}).items():
+        unknown = sorted(set(members) - set(names))
+        _require(bool(members) and not unknown, f"merge.groups.{group}", members, f"a non-empty list of tasks among {names}")
+    _require(d.k >= 0, "demonstrations.k", d.k, "an integer >= 0")
+    _require(d.k == 0 or d.max_length >= max_length, "demonstrations.max_length", d.max_length,
+             f"at least max_length ({max_length}): demonstrations are added to the zero-shot prompt")
+    try:
+        check_weights(difficulty_weights)
+    except ValueError as err:
+        raise PipelineError(f"difficulty_weights: {err}") from None
+
