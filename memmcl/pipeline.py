@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
-from memmcl.experts.backbone import Dtype
+from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
@@ -134,6 +134,11 @@ class Pipeline:
         """Checks every setting that a later phase would reject, so a bad one fails before any expert is trained."""
         check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
                                 self.demos, self.difficulty_weights, [s.name for s in self.specs])
+        if self.backbone not in BACKBONES:  # a local directory must exist now (registered ones are built when used)
+            try:
+                resolve_backbone(self.backbone)
+            except ValueError as err:
+                raise PipelineError(f"backbone: {err}") from None
 
     # ---- phase bookkeeping ---------------------------------------------------------------------------------------
 
@@ -149,6 +154,11 @@ class Pipeline:
                 return None
         data = json.loads(marker.read_text())
         return data if isinstance(data, dict) and data.get("key") == key else None
+
+    def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
+        record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
+        _write_json(phase_dir / PHASE_FILE, record)
+        self.phases[phase] = {**record, "skipped": False}
 
     def _skip(self, phase: str, marker: dict) -> None:
         if phase in self.phases:  # done by this run (in a worker process)
@@ -265,7 +275,7 @@ class Pipeline:
                 task_weights=m.task_weights, groups=m.groups, max_length=self.max_length,
                 eval_batch_size=self.eval_batch_size, max_weak_examples=m.max_weak_examples,
                 min_weak_examples=m.min_weak_examples, weak_anchor_ratio=m.weak_anchor_ratio, evaluate_test=False,
-                max_train_examples=self.expert.max_train_examples)
+                max_train_examples=self.expert.max_train_examples, on_test_overlap=m.on_test_overlap)
         return self._search
 
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:

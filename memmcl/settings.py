@@ -67,6 +67,7 @@ class MergeConfig:
     weak_anchor_ratio: float = 0.0
     task_weights: dict[str, float] | None = None
     groups: dict[str, list[str]] | None = None
+    on_test_overlap: Literal["error", "drop"] = "error"
 
 
 @dataclass

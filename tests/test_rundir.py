@@ -81,6 +81,7 @@ def _alive(pid: int) -> bool:
     ({"difficulty_weights": {"expert_eror": 1.0}}, r"difficulty_weights: difficulty weights name unknown feature"),
     ({"demonstrations": DemoConfig(k=2, max_length=16)}, r"demonstrations.max_length: expected at least max_length"),
     ({"expert": ExpertConfig(max_epochs=0)}, r"expert.max_epochs: expected an integer >= 1, got 0"),
+    ({"backbone": "./no/such/model"}, r"backbone: ./no/such/model: no such directory"),
 ])
 def test_bad_setting_is_rejected_before_anything_runs(tmp_path, overrides, message):
     with pytest.raises(PipelineError, match=message):

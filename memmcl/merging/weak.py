@@ -97,7 +97,8 @@ def select_weak(
         if on_test_overlap != "drop":
             raise WeakDataError(
                 f"task '{spec.name}': {len(overlap)} weak example(s) have the same content as test examples "
-                f"(e.g. id '{overlap[0]['id']}'); deduplicate train against test, or set on_test_overlap: drop")
+                f"(e.g. id '{overlap[0]['id']}'); deduplicate train against test, or set on_test_overlap: drop "
+                f"(pipeline: merge.on_test_overlap)")
         log.warning("task '%s': dropped %d weak example(s) that duplicate test examples", spec.name, len(overlap))
         rows = [row for row in rows if row["hash"] not in test]
     summary = {"train": len(train), "wrong": len(wrong), "low_margin": len(top_up), "anchors": len(anchors), "weak": len(rows),
