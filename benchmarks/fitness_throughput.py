@@ -14,7 +14,7 @@ import time
 import torch
 
 from memmcl.experts.backbone import load_backbone
-from memmcl.experts.scoring import score_labels
+from memmcl.experts.scoring import clear_prefix_caches, score_labels
 from memmcl.merging.multilora import LoRAFactors, MultiLoRAModel
 from memmcl.tasks.datamodule import TaskDataModule
 
@@ -52,7 +52,9 @@ def main() -> None:
         factors.append(LoRAFactors(f"e{t}", mods))
     multi = MultiLoRAModel(copy.deepcopy(base), factors)
     genome = torch.tensor([0.5, 0.3, 0.8])
-    plain = examples_per_second(base, batches, tokenizer.pad_token_id)
+    # each timed pass is one genome's fitness: every model starts without a kept prefix cache (a new genome drops the
+    # merged model's anyway), so the base model does not get a free prefix from the previous pass
+    plain = examples_per_second(base, batches, tokenizer.pad_token_id, before=clear_prefix_caches)
     multi.set_genome(genome)
     rescaled = examples_per_second(multi, batches, tokenizer.pad_token_id, before=lambda: multi.set_genome(genome))
     folded = examples_per_second(multi, batches, tokenizer.pad_token_id, before=lambda: multi.set_genome(genome, fold=True))

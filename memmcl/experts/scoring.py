@@ -90,6 +90,11 @@ def shared_prefix_length(seqs: list[list[int]], keep: int = 1) -> int:
 _PREFIX_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def clear_prefix_caches() -> None:
+    """Drops every kept prefix cache (the next batch of each model encodes its prefix again)."""
+    _PREFIX_CACHES.clear()
+
+
 def _model_state(model) -> tuple:
     tensors = [*model.parameters(), *model.buffers()]
     return model.training, tuple((t.data_ptr(), t._version) for t in tensors)
