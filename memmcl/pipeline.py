@@ -41,7 +41,7 @@ from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_ta
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
-from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.merging.search import GENOME_FILE, MergeSearch, file_sha
 from memmcl.rundir import RunLock, file_problem, init_worker, sweep_temporaries
 from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settings)
     DemoConfig,
@@ -75,10 +75,6 @@ def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
                 if f.is_file():
                     digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data) -> None:
@@ -408,7 +404,7 @@ class Pipeline:
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
-        expert_keys = {s.name: [self.expert_key(s), _file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
+        expert_keys = {s.name: [self.expert_key(s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
                        for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)

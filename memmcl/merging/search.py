@@ -64,7 +64,8 @@ def _quiet_progress_bar(trainer: L.Trainer):
             bar.enable()
 
 
-def _sha(path: Path) -> str:
+def file_sha(path: Path) -> str:
+    """Returns a short content hash of a file (an expert's adapter: the fingerprint weak data and later phases keep)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -209,7 +210,7 @@ class MergeSearch(LabelScoringModule):
         specs = []
         for t, (spec, path) in enumerate(zip(self.expert_specs, self.expert_dirs, strict=True)):
             out = weak_dir / f"{spec.name}.jsonl"
-            fingerprint = _sha(path / "adapter_model.safetensors")
+            fingerprint = file_sha(path / "adapter_model.safetensors")
             key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
                    "min_weak_examples": self.hparams.min_weak_examples, "anchor_ratio": self.hparams.weak_anchor_ratio,
                    "max_train_examples": self.hparams.max_train_examples}
