@@ -88,10 +88,7 @@ class TaskSpec:
                 f"`--data.init_args.data_dir`) or ${DATA_DIR_ENV}")
         if raw.startswith(EMBEDDED_PREFIX):
             return Path(str(resources.files("memmcl.tasks") / "embedded" / raw[len(EMBEDDED_PREFIX) :]))
-        path = Path(raw).expanduser()
-        if not path.is_absolute() and self.source != "<memory>":
-            path = Path(self.source).parent / path
-        return path
+        return Path(raw)  # resolved (relative to the spec file, `~` expanded) when the spec was read
 
     def for_split(self, split: str) -> TaskSpec:
         """Returns the spec as it reads one split: that split's own `format` / `fields` where it sets them."""
