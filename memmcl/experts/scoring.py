@@ -167,9 +167,10 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
 
     `answers[i][l]` holds the token ids of label l's answer for example i. One forward over the prompts (their shared
     prefix once, LM head at the last position only) scores every label's first token; when some answer has more
-    tokens, that forward keeps its key/value cache, which is repeated once per label, and one short forward over the
-    labels' remaining tokens scores them. So each prompt is encoded once however many labels there are. Results do
-    not depend on batch size, padding or prefix sharing.
+    tokens, that forward keeps its key/value cache, which is selected once per distinct continuation (labels that
+    share all but their last token share a row), and one short forward over the continuations scores the rest. So
+    each prompt is encoded once however many labels there are. Results do not depend on batch size, padding or prefix
+    sharing.
     """
     device = next(model.parameters()).device
     n_labels = max(len(a) for a in answers)
@@ -191,11 +192,14 @@ def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, sh
                 rows.setdefault((i, tuple(a[:-1])), len(rows))
     out, mask = _causal_lm(model, prompts, pad_id, device, logits_to_keep=1, use_cache=bool(rows),
                            share_prefix=share_prefix, reuse_prefix=share_prefix)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [B, V]
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
     B = len(prompts)
-    result = torch.full((B, n_labels), float("-inf"))
+    first_tokens = torch.zeros((B, n_labels), dtype=torch.long)
+    present = torch.zeros((B, n_labels), dtype=torch.bool)
     for i, example in enumerate(answers):
-        result[i, : len(example)] = first[i, [a[0] for a in example]]
+        first_tokens[i, : len(example)] = torch.tensor([a[0] for a in example])
+        present[i, : len(example)] = True
+    result = first.gather(-1, first_tokens.to(device))  # [B, L], on the model's device: only this leaves it
     if rows:
         example_of_row = torch.tensor([i for i, _ in rows], device=device)
         continuations = [list(c) for _, c in rows]
@@ -211,10 +215,17 @@ def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, sh
         positions = mask.sum(-1)[example_of_row][:, None] + torch.arange(width, device=device)[None]
         logits = model(input_ids=cont.to(device), attention_mask=full_mask, position_ids=positions, use_cache=False,
                        **with_cache(model, cache)).logits
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()  # [rows, width, V]
+        logp = F.log_softmax(logits.float(), dim=-1)  # [rows, width, V]
+        # every later answer token: (row, position, token) -> the flat (example, label) whose score it adds to
+        row_of, position_of, token_of, owner = [], [], [], []
         for i, example in enumerate(answers):
             for l, a in enumerate(example):
-                if len(a) > 1:
-                    r = rows[(i, tuple(a[:-1]))]
-                    result[i, l] += logp[r, torch.arange(len(a) - 1), a[1:]].sum()
-    return result
+                for j, token in enumerate(a[1:]):
+                    row_of.append(rows[(i, tuple(a[:-1]))])
+                    position_of.append(j)
+                    token_of.append(token)
+                    owner.append(i * n_labels + l)
+        later = logp[torch.tensor(row_of, device=device), torch.tensor(position_of, device=device),
+                     torch.tensor(token_of, device=device)]
+        result = result.flatten().index_add(0, torch.tensor(owner, device=device), later).view(B, n_labels)
+    return torch.where(present, result.cpu(), torch.full((B, n_labels), float("-inf")))
