@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -133,26 +134,45 @@ def test_wrong_backbone_is_named(tiny_dir, adapters, tmp_path):
 # --- merge methods against element-by-element references ---------------------------------------------------------
 
 
+def _ties_reference(stack: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Element by element: the sign of the unweighted sum is elected (0 elects +), agreeing weighted entries averaged."""
+    shape = stack[0].shape
+    out = torch.zeros(shape)
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in shape]).tolist():
+        raw = [float(d[tuple(idx)]) for d in stack]
+        sign = 1 if sum(raw) >= 0 else -1
+        agreeing = [float(w[t]) * v for t, v in enumerate(raw) if v != 0 and (v > 0) == (sign > 0)]
+        out[tuple(idx)] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out
+
+
 def test_magnitude_trim_and_ties_against_loops():
     g = torch.Generator().manual_seed(0)
     deltas = torch.randn(3, 4, 5, generator=g)
     w = torch.tensor([0.5, 1.0, -0.7])
-    density = 0.4
-    k = round(density * 20)
+    density = 0.47
+    k = int(density * 20)  # peft's count: int(9.4) = 9
     trimmed = []
     for d in deltas:
         threshold = sorted(d.flatten().abs().tolist(), reverse=True)[k - 1]
         trimmed.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
         assert torch.equal(magnitude_trim(d, density), trimmed[-1])
-    expected = torch.zeros(4, 5)
-    for i in range(4):
-        for j in range(5):
-            values = [float(w[t]) * float(trimmed[t][i, j]) for t in range(3)]
-            total = sum(values)
-            sign = (total > 0) - (total < 0)
-            agreeing = [v for v in values if v != 0 and ((v > 0) - (v < 0)) == sign]
-            expected[i, j] = sum(agreeing) / len(agreeing) if agreeing else 0.0
-    torch.testing.assert_close(ties(deltas, w, density), expected)
+    torch.testing.assert_close(ties(deltas, w, density), _ties_reference(trimmed, w))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.75, 1.0])
+def test_ties_equals_peft(density):
+    from peft.utils.merge_utils import dare_ties as peft_dare_ties
+    from peft.utils.merge_utils import ties as peft_ties
+
+    deltas = torch.randn(4, 6, 7, generator=torch.Generator().manual_seed(3))
+    w = torch.tensor([0.9, 0.1, 1.4, 0.0])  # a zero weight still votes in the sign election, as in peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that density 1 prunes nothing
+        expected = peft_ties(list(deltas.clone()), w.clone(), density)
+        torch.testing.assert_close(ties(deltas, w, density), expected)
+        if density == 1.0:  # DARE draws peft's mask from the global RNG; with nothing dropped both are exact
+            torch.testing.assert_close(dare_ties(deltas, w, density), peft_dare_ties(list(deltas.clone()), w.clone(), density))
 
 
 def test_dare_against_loops():
@@ -165,13 +185,9 @@ def test_dare_against_loops():
     assert 0 < sum(int(m.sum()) for m in masks) < 24  # something was dropped, something kept
     assert torch.equal(dare_drop(deltas[0], density, torch.Generator().manual_seed(5)), dropped[0])
     expected_linear = torch.zeros(3, 4)
-    expected_ties = torch.zeros(3, 4)
     for i in range(3):
         for j in range(4):
-            values = [float(w[t]) * float(dropped[t][i, j]) for t in range(2)]
-            expected_linear[i, j] = sum(values)
-            sign = (sum(values) > 0) - (sum(values) < 0)
-            agreeing = [v for v in values if v != 0 and ((v > 0) - (v < 0)) == sign]
-            expected_ties[i, j] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+            expected_linear[i, j] = sum(float(w[t]) * float(dropped[t][i, j]) for t in range(2))
+    expected_ties = _ties_reference(dropped, w)
     torch.testing.assert_close(dare_linear(deltas, w, density, torch.Generator().manual_seed(5)), expected_linear)
     torch.testing.assert_close(dare_ties(deltas, w, density, torch.Generator().manual_seed(5)), expected_ties)

@@ -1,16 +1,22 @@
-"""Merge methods on materialized deltas, as small pure tensor functions.
+"""Merge methods: one registry (name → combine function, whether it folds, whether it exports as a LoRA adapter).
 
-`deltas` is a stack [T, ...] of task vectors (ΔW_t of one weight matrix), `weights` a [T] tensor.
-- linear:      Σ_t w_t ΔW_t
-- TIES:        trim each ΔW_t to its top-`density` entries by magnitude, elect the sign of Σ_t w_t ΔW'_t per entry,
-               and average the weighted entries that agree with it (Yadav et al., 2023; as peft's `ties`).
-- DARE:        drop each entry with probability 1 - `density` and rescale the kept ones by 1 / `density`
-               (Yu et al., 2023), then combine linearly (`dare_linear`) or by TIES' sign election (`dare_ties`).
-DARE's mask comes from a `torch.Generator`, so a fixed seed gives the same mask for every genome.
+A combine function takes a stack [T, ...] of task vectors (ΔW_t of one weight matrix) and a [T] weight tensor.
+- linear:      Σ_t w_t ΔW_t. Exact on the factors (rescaled, never materialized); exports as one LoRA adapter.
+- ties:        TIES-merging as peft's `merge_utils.ties` defines it (Yadav et al., 2023): trim each ΔW_t to its
+               top-`int(density · numel)` entries by magnitude; elect each entry's sign from the sum of the trimmed,
+               *unweighted* deltas (a zero sum elects +); average the weighted entries whose sign agrees with it.
+- dare_linear: DARE (Yu et al., 2023): drop each entry with probability 1 - `density`, rescale the kept ones by
+               1 / `density`, then combine linearly.
+- dare_ties:   DARE's drop, then TIES' sign election and disjoint mean (peft's `dare_ties`).
+TIES and DARE need materialized deltas: the merged weights are folded into the layers and exported as a full model.
+DARE's mask comes from a `torch.Generator`, so a fixed seed gives the same mask for every genome (peft draws it from
+the global RNG).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,9 +29,9 @@ def linear(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keeps the `round(density * numel)` entries of largest magnitude (ties broken by position), zeroes the rest."""
-    k = int(round(density * delta.numel()))
-    if k >= delta.numel():
+    """Keeps the `int(density * numel)` entries of largest magnitude (peft's count), zeroes the rest."""
+    k = int(density * delta.numel())
+    if density >= 1.0 or k >= delta.numel():
         return delta.clone()
     out = torch.zeros_like(delta)
     if k > 0:
@@ -44,16 +50,16 @@ def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator | 
 
 
 def sign_elect_merge(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ over agreeing entries / their count, where the elected sign is that of Σ_t w_t ΔW_t."""
+    """TIES' disjoint merge: the sign of Σ_t ΔW_t (unweighted; + where it is 0) is elected per entry; returns the sum
+    of the weighted entries with that sign over their count (entries that are 0 never count)."""
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas)
+    agree = torch.sign(deltas) == elected
     weighted = deltas * weights.to(deltas).view(-1, *([1] * (deltas.dim() - 1)))
-    sign = torch.sign(weighted.sum(0))
-    agree = (torch.sign(weighted) == sign) & (weighted != 0)
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def ties(deltas: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
-    trimmed = torch.stack([magnitude_trim(d, density) for d in deltas])
-    return sign_elect_merge(trimmed, weights)
+    return sign_elect_merge(torch.stack([magnitude_trim(d, density) for d in deltas]), weights)
 
 
 def dare_linear(deltas: torch.Tensor, weights: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -64,15 +70,32 @@ def dare_ties(deltas: torch.Tensor, weights: torch.Tensor, density: float, gener
     return sign_elect_merge(torch.stack([dare_drop(d, density, generator) for d in deltas]), weights)
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """A merge method: `combine(deltas, weights, density, generator)` → merged delta; `folds`: the merge needs
+    materialized deltas written into the weights; `low_rank_export`: the merge is exactly one LoRA adapter."""
+
+    combine: Callable[[torch.Tensor, torch.Tensor, float, torch.Generator | None], torch.Tensor]
+    folds: bool
+    low_rank_export: bool
+
+
+METHODS: dict[str, MethodInfo] = {
+    "linear": MethodInfo(lambda d, w, density, gen: linear(d, w), folds=False, low_rank_export=True),
+    "ties": MethodInfo(lambda d, w, density, gen: ties(d, w, density), folds=True, low_rank_export=False),
+    "dare_linear": MethodInfo(dare_linear, folds=True, low_rank_export=False),
+    "dare_ties": MethodInfo(dare_ties, folds=True, low_rank_export=False),
+}
+
+
+def method_info(name: str) -> MethodInfo:
+    """Returns the registered merge method `name`; an unknown name is a ValueError listing the registered ones."""
+    if name not in METHODS:
+        raise ValueError(f"merge method '{name}': expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def merge_deltas(method: MergeMethod, deltas: torch.Tensor, weights: torch.Tensor, density: float = 0.5,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Returns the merged delta of one weight matrix by `method`."""
-    if method == "linear":
-        return linear(deltas, weights)
-    if method == "ties":
-        return ties(deltas, weights, density)
-    if method == "dare_linear":
-        return dare_linear(deltas, weights, density, generator)
-    if method == "dare_ties":
-        return dare_ties(deltas, weights, density, generator)
-    raise ValueError(f"merge method '{method}': expected one of linear, ties, dare_linear, dare_ties")
+    return method_info(method).combine(deltas, weights, density, generator)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memmcl.merging.methods import MergeMethod, merge_deltas
+from memmcl.merging.methods import MergeMethod, merge_deltas, method_info
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -210,9 +210,9 @@ class MultiLoRAModel(nn.Module):
         g = self.as_blocks(genome)
         self.genome.copy_(g)
         torch.mul(g.flatten()[self.index], self.scale, out=self.coef)
+        info = method_info(method)
         self.method, self.density, self.method_seed = method, density, seed
-        if method != "linear":
-            fold = True
+        fold = fold or info.folds
         if fold:
             for name, m in self.wrapped.items():
                 if m.w0 is None:
@@ -237,7 +237,7 @@ class MultiLoRAModel(nn.Module):
     def merged_delta(self, name: str) -> torch.Tensor:
         """Returns module `name`'s merged weight delta under the current genome and merge method."""
         m = self.wrapped[name]
-        if self.method == "linear":
+        if not method_info(self.method).folds:  # linear: straight from the rescaled factors
             return m.delta()
         weights = self.genome[self.module_block[name], self.module_experts[name]]
         generator = torch.Generator(device=m.lora_a.device).manual_seed(self.method_seed + m.offset)
@@ -250,7 +250,7 @@ class MultiLoRAModel(nn.Module):
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        if self.method != "linear":
+        if not method_info(self.method).low_rank_export:
             raise MergeError(f"merge method '{self.method}' has no exact low-rank form; export it with save_model")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +283,6 @@ class MultiLoRAModel(nn.Module):
         plain.save_pretrained(str(out_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out_dir))
-        if not was_folded and self.method == "linear":
+        if not was_folded and not method_info(self.method).folds:
             self.set_genome(self.genome)
         return Path(out_dir)

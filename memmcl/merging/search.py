@@ -34,7 +34,7 @@ from memmcl.experts.expert import (
     write_jsonl_atomic,
 )
 from memmcl.merging import evolution
-from memmcl.merging.methods import MergeMethod
+from memmcl.merging.methods import MergeMethod, method_info
 from memmcl.merging.multilora import (
     MergeError,
     MultiLoRAModel,
@@ -409,7 +409,7 @@ class MergeSearch(LabelScoringModule):
         meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs]}
 
         def write(tmp: Path) -> None:
-            if self.hparams.method == "linear":
+            if method_info(self.hparams.method).low_rank_export:
                 self.model.save_adapter(tmp, base_name_or_path=self.backbone)
                 (tmp / EXPERT_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
             else:
