@@ -41,8 +41,8 @@ from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_ta
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
-from memmcl.merging.search import GENOME_FILE, MergeSearch, file_sha
-from memmcl.rundir import RunLock, file_problem, init_worker, sweep_temporaries
+from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.rundir import RunLock, file_problem, file_sha, init_worker, sweep_temporaries
 from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settings)
     DemoConfig,
     ExpertConfig,
@@ -262,16 +262,11 @@ class Pipeline:
     def search(self) -> MergeSearch:
         """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
         if self._search is None:
-            m = self.merge
             self._search = MergeSearch(
-                experts=[str(self.run_dir / "experts" / s.name / "expert") for s in self.specs],
+                experts=[str(self.run_dir / "experts" / s.name / "expert") for s in self.specs], **asdict(self.merge),
                 out_dir=str(self.run_dir / "merge"), weak_dir=str(self.run_dir / "weak"), backbone=self.backbone,
-                dtype=self.dtype, algorithm=m.algorithm, population=m.population, generations=m.generations,
-                sigma=m.sigma, bounds=m.bounds, blocks=m.blocks, seed=self.seed, method=m.method, density=m.density,
-                task_weights=m.task_weights, groups=m.groups, max_length=self.max_length,
-                eval_batch_size=self.eval_batch_size, max_weak_examples=m.max_weak_examples,
-                min_weak_examples=m.min_weak_examples, weak_anchor_ratio=m.weak_anchor_ratio, evaluate_test=False,
-                max_train_examples=self.expert.max_train_examples, on_test_overlap=m.on_test_overlap)
+                dtype=self.dtype, seed=self.seed, max_length=self.max_length, eval_batch_size=self.eval_batch_size,
+                evaluate_test=False, max_train_examples=self.expert.max_train_examples)
         return self._search
 
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:

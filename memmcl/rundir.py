@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -149,3 +150,8 @@ def init_worker(threads: int) -> None:
 
     die_with_parent()
     torch.set_num_threads(threads)
+
+
+def file_sha(path: Path) -> str:
+    """Returns a short content hash of a file (an expert's adapter: the fingerprint weak data and later phases keep)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from typing import Literal
 
 from memmcl.curriculum.demonstrations import DemoScope
 from memmcl.curriculum.difficulty import check_weights
+from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
 
 
@@ -52,9 +53,9 @@ class ExpertConfig:
 
 @dataclass
 class MergeConfig:
-    """The evolutionary merge (see `MergeSearch` for each field)."""
+    """The evolutionary merge: every field is a `MergeSearch` argument of the same name (see it for each)."""
 
-    algorithm: Literal["cmaes", "ga"] = "cmaes"
+    algorithm: Algorithm = "cmaes"
     population: int = 8
     generations: int = 6
     sigma: float = 0.3
@@ -66,6 +67,9 @@ class MergeConfig:
     min_weak_examples: int = 32
     weak_anchor_ratio: float = 0.0
     task_weights: dict[str, float] | None = None
+    fitness: Literal["mean", "protect"] = "mean"
+    worst_weight: float = 1.0
+    fold: bool = True
     groups: dict[str, list[str]] | None = None
     on_test_overlap: Literal["error", "drop"] = "error"
 
@@ -102,6 +106,7 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(len(m.bounds) == 2 and m.bounds[0] < m.bounds[1], "merge.bounds", list(m.bounds), "[low, high] with low < high")
     _require(0 < m.density <= 1, "merge.density", m.density, "a share in (0, 1]")
     _require(m.min_weak_examples >= 0, "merge.min_weak_examples", m.min_weak_examples, "an integer >= 0")
+    _require(m.worst_weight >= 0, "merge.worst_weight", m.worst_weight, "a weight >= 0")
     _require(m.weak_anchor_ratio >= 0, "merge.weak_anchor_ratio", m.weak_anchor_ratio, "a ratio >= 0")
     if m.task_weights is not None:
         unknown = sorted(set(m.task_weights) - set(names))

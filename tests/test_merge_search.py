@@ -9,8 +9,10 @@ import torch
 import yaml
 
 from memmcl.experts.expert import LoRAExpert
+from memmcl.merging import evolution
 from memmcl.merging.multilora import MergeError
 from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.merging.stage import scalar_fitness, stage_units
 from memmcl.merging.weak import WeakDataError, content_hash, select_weak
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, load_task_spec, spec_from_dict
@@ -160,6 +162,53 @@ def test_ga_search_runs_its_own_random_stream(experts, tmp_path):
     b = search(experts, tmp_path / "b", algorithm="ga", generations=2).run(trainer())
     assert a["coefficients"] == b["coefficients"]
     assert a["stages"]["SC"]["fitness"] >= a["stages"]["SC"]["uniform_fitness"]
+
+
+def test_protect_fitness_weights_the_worst_group():
+    results = {"a": {"acc": 1.0}, "b": {"acc": 0.8}, "c": {"acc": 0.0}}
+    task_group = {"a": "SC", "b": "SC", "c": "MAST"}
+    units = stage_units(list(results), task_group)
+    assert units == {"SC": ["a", "b"], "MAST": ["c"]}
+    assert stage_units(["a", "b"], task_group) == {"a": ["a"], "b": ["b"]}  # one group: its tasks are the units
+    assert scalar_fitness(results, units, {}, "mean", 1.0) == pytest.approx(0.6)
+    assert scalar_fitness(results, units, {}, "protect", 1.0) == pytest.approx((0.6 + 0.0) / 2)
+    # a merge that keeps every group beats one with a higher mean that gives MAST away
+    balanced = {"a": {"acc": 0.7}, "b": {"acc": 0.6}, "c": {"acc": 0.4}}
+    assert scalar_fitness(balanced, units, {}, "mean", 1.0) < scalar_fitness(results, units, {}, "mean", 1.0)
+    assert scalar_fitness(balanced, units, {}, "protect", 1.0) > scalar_fitness(results, units, {}, "protect", 1.0)
+
+
+def test_pareto_front_and_knee():
+    scored = [([0.0], [0.9, 0.1]), ([1.0], [0.5, 0.5]), ([2.0], [0.4, 0.4]), ([3.0], [0.1, 0.9]), ([1.0], [0.5, 0.5])]
+    front = evolution.pareto_front(scored)
+    assert [g for g, _ in front] == [[0.0], [1.0], [3.0]]  # (0.4, 0.4) is dominated; the duplicate kept once
+    assert evolution.knee(front) == ([1.0], [0.5, 0.5])
+    assert evolution.knee([([0.0], [0.3, 0.3])]) == ([0.0], [0.3, 0.3])
+
+
+def test_nsga2_search_returns_its_front_and_resumes(experts, tmp_path, monkeypatch):
+    whole = search(experts, tmp_path / "whole", algorithm="nsga2", generations=3).run(trainer())
+    glob = yaml.safe_load((tmp_path / "whole" / "stages" / "global" / "result.yaml").read_text())
+    assert glob["objectives"] == ["SC", "MAST"]
+    sc = yaml.safe_load((tmp_path / "whole" / "stages" / "SC" / "result.yaml").read_text())
+    assert sc["objectives"] == ["sc_binary", "sc_3class"]  # inside a group, one objective per task
+    front = [(f["genome"], f["objectives"]) for f in glob["front"]]
+    assert front and evolution.pareto_front(front) == front  # no member dominates another
+    assert evolution.knee(front)[0] == glob["genome"]  # the stage's merge is the front's knee
+
+    class Killed(Exception):
+        pass
+
+    def kill(self, stage, generation):
+        if stage == "global" and generation == 2:
+            raise Killed
+
+    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    with pytest.raises(Killed):
+        search(experts, tmp_path / "killed", algorithm="nsga2", generations=3).run(trainer())
+    monkeypatch.undo()
+    resumed = search(experts, tmp_path / "killed", algorithm="nsga2", generations=3).run(trainer(), resume=True)
+    assert resumed["coefficients"] == whole["coefficients"]
 
 
 def test_ddp_search_equals_one_process(experts, tmp_path):

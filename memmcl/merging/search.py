@@ -12,9 +12,6 @@ ranks see the same fitness and, with the same seed, the same genomes.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -29,9 +26,7 @@ from memmcl.experts.expert import (
     EXPERT_FILE,
     LabelScoringModule,
     check_expert_dir,
-    gather_records,
     write_atomic,
-    write_jsonl_atomic,
 )
 from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod, method_info
@@ -42,31 +37,13 @@ from memmcl.merging.multilora import (
     coefficients_to_yaml,
     read_lora_factors,
 )
-from memmcl.merging.weak import check_no_test_content, gold_loss, select_weak, weak_spec
+from memmcl.merging.stage import quiet_progress_bar, run_stage
+from memmcl.merging.weak import mine_weak_data
 from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 GENOME_FILE = "best_genome.yaml"
-
-
-@contextlib.contextmanager
-def _quiet_progress_bar(trainer: L.Trainer):
-    """Hides the per-call progress bar while the search runs thousands of short validate/predict calls."""
-    bar = trainer.progress_bar_callback
-    enabled = bar is not None and bar.is_enabled
-    if enabled:
-        bar.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            bar.enable()
-
-
-def file_sha(path: Path) -> str:
-    """Returns a short content hash of a file (an expert's adapter: the fingerprint weak data and later phases keep)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 class MergeSearch(LabelScoringModule):
@@ -76,7 +53,8 @@ class MergeSearch(LabelScoringModule):
         experts: expert directories (written by `LoRAExpert`); each expert's name is its task's.
         out_dir: where weak data, stage states and results go.
         backbone: the base model (default: the one recorded in the experts).
-        algorithm: `cmaes` (DEAP CMA-ES) or `ga` (DEAP genetic algorithm).
+        algorithm: `cmaes` (DEAP CMA-ES), `ga` (DEAP genetic algorithm) or `nsga2` (DEAP NSGA-II, one objective
+            per group, or per task in a group's own stage; the stage returns the knee of its Pareto front).
         population, generations, sigma, seed: the search budget and its randomness.
         bounds: each genome value is clipped to [low, high] before it is evaluated.
         blocks: layer blocks per member (1: one weight per member; n: one per member and block of layers).
@@ -84,6 +62,9 @@ class MergeSearch(LabelScoringModule):
         density: TIES / DARE density.
         fold: write each linear genome into the weights (fitness then runs at base-model speed).
         task_weights: fitness = Σ w_task · acc_task / Σ w_task (default 1 per task).
+        fitness: `mean` (the weighted mean above) or `protect`: (mean + worst_weight · worst unit) / (1 +
+            worst_weight), the units being the global stage's groups or a group stage's tasks (see `merging.stage`).
+        worst_weight: the weight of the worst unit under `fitness: protect`.
         groups: override the expert → group assignment (`{SC: [sc_binary, ...], ...}`).
         max_weak_examples: cap per task (seeded sample) to bound fitness cost.
         min_weak_examples: weak data below this size is topped up with the expert's lowest-margin correct
@@ -105,7 +86,7 @@ class MergeSearch(LabelScoringModule):
         out_dir: str = "runs/merge",
         backbone: str | None = None,
         dtype: Dtype = "float32",
-        algorithm: Literal["cmaes", "ga"] = "cmaes",
+        algorithm: evolution.Algorithm = "cmaes",
         population: int = 8,
         generations: int = 10,
         sigma: float = 0.3,
@@ -116,6 +97,8 @@ class MergeSearch(LabelScoringModule):
         density: float = 0.5,
         fold: bool = True,
         task_weights: dict[str, float] | None = None,
+        fitness: Literal["mean", "protect"] = "mean",
+        worst_weight: float = 1.0,
         groups: dict[str, list[str]] | None = None,
         max_length: int = 256,
         eval_batch_size: int = 32,
@@ -133,6 +116,8 @@ class MergeSearch(LabelScoringModule):
             raise MergeError("model.init_args.experts is empty; expected expert directories")
         if population < 2 or generations < 1:
             raise MergeError(f"population={population}, generations={generations}: expected population >= 2, generations >= 1")
+        if worst_weight < 0:
+            raise MergeError(f"worst_weight={worst_weight}: expected a weight >= 0")
         self.expert_dirs = [Path(p) for p in experts]
         self.expert_specs: list[TaskSpec] = []
         backbones = set()
@@ -150,6 +135,7 @@ class MergeSearch(LabelScoringModule):
         if len(set(self.names)) != len(self.names):
             raise MergeError(f"two experts are for the same task: {self.names}")
         self.groups = self._group_members(groups)
+        self.task_group = {self.names[t]: g for g, members in self.groups.items() for t in members}
         base, self.tokenizer = load_backbone(self.backbone, dtype)
         self.pad_id = self.tokenizer.pad_token_id
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
@@ -174,7 +160,7 @@ class MergeSearch(LabelScoringModule):
 
     # ---- fitness -----------------------------------------------------------------------------------------------
 
-    def _datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
+    def datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
         h = self.hparams
         return MultiTaskDataModule(specs, backbone=self.backbone, max_length=h.max_length, seed=h.seed,
                                    eval_batch_size=h.eval_batch_size, predict_split=predict_split,
@@ -193,151 +179,19 @@ class MergeSearch(LabelScoringModule):
             trainer.test(self, datamodule=datamodule, verbose=False)
         return self.results[split]
 
-    def fitness(self, results: dict) -> float:
-        weights = self.hparams.task_weights or {}
-        total = sum(weights.get(t, 1.0) for t in results)
-        return sum(weights.get(t, 1.0) * r["acc"] for t, r in results.items()) / total
-
     # ---- weak data ---------------------------------------------------------------------------------------------
 
     def mine_weak_data(self, trainer: L.Trainer) -> list[TaskSpec]:
-        """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
-        (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
-        for the same expert weights; returns the weak-data specs in expert order."""
-        weak_dir = self.weak_dir
-        summary_path = weak_dir / "summary.yaml"
-        summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
-        specs = []
-        for t, (spec, path) in enumerate(zip(self.expert_specs, self.expert_dirs, strict=True)):
-            out = weak_dir / f"{spec.name}.jsonl"
-            fingerprint = file_sha(path / "adapter_model.safetensors")
-            key = {"fingerprint": fingerprint, "max_weak_examples": self.hparams.max_weak_examples,
-                   "min_weak_examples": self.hparams.min_weak_examples, "anchor_ratio": self.hparams.weak_anchor_ratio,
-                   "max_train_examples": self.hparams.max_train_examples}
-            loss_path = weak_dir / f"{spec.name}.example_loss.json"
-            if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
-                onehot = torch.zeros(self.model.n_experts)
-                onehot[t] = 1.0
-                self.set_coefficients(onehot)
-                dm = self._datamodule([spec], predict_split="train")
-                records = gather_records([r for batch in trainer.predict(self, datamodule=dm) for r in batch])
-                rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, self.hparams.min_weak_examples,
-                                         self.hparams.seed, self.hparams.max_weak_examples, self.hparams.on_test_overlap,
-                                         self.hparams.weak_anchor_ratio)
-                summary[spec.name] = {**key, **info}
-                if trainer.is_global_zero:
-                    write_jsonl_atomic(out, rows)
-                    losses = {r["id"]: round(gold_loss(r), 6) for r in sorted(records, key=lambda r: r["id"])}
-                    write_atomic(loss_path, json.dumps(losses).encode())
-                    write_atomic(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
-                trainer.strategy.barrier()
-                log.info("weak data of '%s': %d mispredicted + %d low-margin of %d training examples", spec.name,
-                         info["wrong"], info["low_margin"], info["train"])
-            check_no_test_content(spec, out)
-            specs.append(weak_spec(spec, out))
-        return specs
+        """Each expert's weak data and per-example losses (see `weak.mine_weak_data`); the weak specs in expert order."""
+        return mine_weak_data(self, trainer)
 
     # ---- the search --------------------------------------------------------------------------------------------
-
-    def _key(self, genome) -> tuple[float, ...]:
-        """The genome as evaluated: clipped to the bounds and rounded (the fitness cache's key)."""
-        low, high = self.hparams.bounds
-        return tuple(round(float(min(max(v, low), high)), 8) for v in genome)
-
-    def _coefficients(self, genome: list[float], basis: torch.Tensor) -> torch.Tensor:
-        """Maps a flat genome (blocks × members), as evaluated, through the members' coefficient matrices [M, blocks, T]."""
-        x = torch.tensor(self._key(genome), dtype=torch.float32).view(self.hparams.blocks, basis.shape[0])
-        return torch.einsum("bm,mbt->bt", x, basis)
-
-    def _coef_dict(self, coef: torch.Tensor) -> dict[str, list[float]]:
-        return coefficients_to_yaml(coef, self.names)
 
     def _coef_matrix(self, coefficients, source: str = "<memory>") -> torch.Tensor:
         return coefficients_from_yaml(coefficients, self.names, self.hparams.blocks, source)
 
-    def search_stage(self, trainer: L.Trainer, stage: str, basis: torch.Tensor, member_names: list[str],
-                     weak: list[TaskSpec], resume: bool) -> dict:
-        """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task}."""
-        h = self.hparams
-        stage_dir = self.out_dir / "stages" / stage
-        state_path = stage_dir / "state.json"
-        result_path = stage_dir / "result.yaml"
-        if resume and result_path.exists():
-            log.info("stage %s: done before, reusing %s", stage, result_path)
-            return yaml.safe_load(result_path.read_text())
-        dm = self._datamodule(weak)
-        centroid = [1.0 / basis.shape[0]] * (basis.shape[0] * h.blocks)  # the uniform merge of the members
-        if resume and state_path.exists():
-            try:
-                state = evolution.load_state(state_path.read_bytes(), str(state_path))
-            except ValueError as err:
-                raise MergeError(f"{err}; delete it to restart stage '{stage}'") from None
-            log.info("stage %s: resuming after generation %d", stage, state["generation"])
-        else:
-            state = evolution.new_state(h.algorithm, centroid, h.sigma, h.population, h.seed)
-        cache: dict[tuple, dict] = state["cache"]
-
-        def score(genome) -> float:
-            key = self._key(genome)
-            if key not in cache:  # identical genomes are evaluated once
-                cache[key] = self.evaluate(trainer, self._coefficients(genome, basis), dm)
-            return self.fitness(cache[key])
-
-        uniform = score(centroid)
-        progress = None
-        if trainer.is_global_zero and self._show_progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=h.generations, initial=state["generation"], desc=f"merge {stage}", unit="gen")
-        while state["generation"] < h.generations:
-            population = evolution.propose(state, h.algorithm, centroid, h.sigma, h.population)
-            for ind in population:
-                ind.fitness.values = (score(ind),)
-            evolution.tell(state, h.algorithm, population, (centroid, uniform))
-            self._log_generation(trainer, stage, state, member_names)
-            if trainer.is_global_zero:
-                write_atomic(state_path, evolution.dump_state(state))
-            trainer.strategy.barrier()
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(best=f"{state['best'][1]:.4f}")
-            self._after_generation(stage, state["generation"])
-        if progress is not None:
-            progress.close()
-        genome, fit = state["best"]
-        result = {
-            "stage": stage,
-            "members": member_names,
-            "genome": list(self._key(genome)),
-            "fitness": float(fit),
-            "uniform_fitness": float(uniform),
-            "per_task": cache[self._key(genome)],
-            "coefficients": self._coef_dict(self._coefficients(genome, basis)),
-            "history": state["history"],
-        }
-        if trainer.is_global_zero:
-            write_atomic(result_path, yaml.safe_dump(result, sort_keys=False).encode())
-        trainer.strategy.barrier()
-        return result
-
     def _after_generation(self, stage: str, generation: int) -> None:
         """Hook after each generation's state is saved (tests stop a search here to check resume)."""
-
-    def _log_generation(self, trainer, stage, state, member_names) -> None:
-        logger = trainer.logger
-        if logger is None:
-            return
-        step = state["generation"]
-        genome, fit = state["best"]
-        metrics = {f"merge/{stage}/best_fitness": fit, f"merge/{stage}/mean_fitness": state["history"][-1]["mean"]}
-        per_task = state["cache"][self._key(genome)]
-        metrics.update({f"merge/{stage}/best_acc/{t}": r["acc"] for t, r in per_task.items()})
-        x = torch.tensor(self._key(genome)).view(self.hparams.blocks, len(member_names))
-        for b in range(self.hparams.blocks):
-            for m, name in enumerate(member_names):
-                suffix = f"/block{b}" if self.hparams.blocks > 1 else ""
-                metrics[f"merge/{stage}/weight/{name}{suffix}"] = float(x[b, m])
-        logger.log_metrics(metrics, step=step)
 
     # ---- the whole merge ---------------------------------------------------------------------------------------
 
@@ -345,7 +199,7 @@ class MergeSearch(LabelScoringModule):
         """Weak data → a search per group → a search over the group merges → export (→ test evaluation)."""
         # One bar over generations replaces Lightning's per-call bars, if the trainer shows bars at all.
         self._show_progress = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
-        with _quiet_progress_bar(trainer):
+        with quiet_progress_bar(trainer):
             return self._run(trainer, resume, genome)
 
     def _run(self, trainer: L.Trainer, resume: bool, genome: str | None) -> dict:
@@ -364,12 +218,13 @@ class MergeSearch(LabelScoringModule):
                 basis = torch.zeros(len(members), self.hparams.blocks, T)
                 for m, t in enumerate(members):
                     basis[m, :, t] = 1.0
-                stages[g] = self.search_stage(trainer, g, basis, [self.names[t] for t in members],
-                                              [weak[t] for t in members], resume)
+                stages[g] = run_stage(self, trainer, g, basis, [self.names[t] for t in members],
+                                      [weak[t] for t in members], resume, self._show_progress)
                 group_coef[g] = self._coef_matrix(stages[g]["coefficients"])
             if len(self.groups) > 1:
                 basis = torch.stack([group_coef[g] for g in self.groups])
-                stages["global"] = self.search_stage(trainer, "global", basis, list(self.groups), weak, resume)
+                stages["global"] = run_stage(self, trainer, "global", basis, list(self.groups), weak, resume,
+                                              self._show_progress)
                 final = stages["global"]
             else:
                 final = stages[next(iter(self.groups))]
@@ -383,7 +238,7 @@ class MergeSearch(LabelScoringModule):
                 "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
                 "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
                            for s, r in stages.items()},
-                "coefficients": self._coef_dict(coef),
+                "coefficients": coefficients_to_yaml(coef, self.names),
             }
             if trainer.is_global_zero:
                 write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
@@ -435,7 +290,7 @@ class MergeSearch(LabelScoringModule):
 
     def evaluate_test(self, trainer: L.Trainer, record: dict) -> dict:
         """Test-split accuracy of base, uniform, each stage's merge and the final merge (reporting only: never fitness)."""
-        dm = self._datamodule(list(self.expert_specs))
+        dm = self.datamodule(list(self.expert_specs))
         candidates = self.candidate_merges(record)
         out = {}
         for name, coef in candidates.items():

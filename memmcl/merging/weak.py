@@ -12,9 +12,20 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
+import yaml
+
+from memmcl.experts.expert import gather_records, write_atomic, write_jsonl_atomic
+from memmcl.rundir import file_sha
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from memmcl.merging.search import MergeSearch
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +131,41 @@ def check_no_test_content(spec: TaskSpec, path: Path) -> None:
         row = json.loads(line)
         if content_hash(row["text"], row.get("aspect")) in hashes:
             raise WeakDataError(f"{path}:{n}: weak example '{row['id']}' has the content of a test example of '{spec.name}'")
+
+
+def mine_weak_data(search: MergeSearch, trainer: L.Trainer) -> list[TaskSpec]:
+    """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
+    (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
+    for the same expert weights; returns the weak-data specs in expert order."""
+    weak_dir = search.weak_dir
+    summary_path = weak_dir / "summary.yaml"
+    summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
+    specs = []
+    for t, (spec, path) in enumerate(zip(search.expert_specs, search.expert_dirs, strict=True)):
+        out = weak_dir / f"{spec.name}.jsonl"
+        fingerprint = file_sha(path / "adapter_model.safetensors")
+        key = {"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
+               "min_weak_examples": search.hparams.min_weak_examples, "anchor_ratio": search.hparams.weak_anchor_ratio,
+               "max_train_examples": search.hparams.max_train_examples}
+        loss_path = weak_dir / f"{spec.name}.example_loss.json"
+        if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
+            onehot = torch.zeros(search.model.n_experts)
+            onehot[t] = 1.0
+            search.set_coefficients(onehot)
+            dm = search.datamodule([spec], predict_split="train")
+            records = gather_records([r for batch in trainer.predict(search, datamodule=dm) for r in batch])
+            rows, info = select_weak(spec, dm.examples[spec.name]["train"], records, search.hparams.min_weak_examples,
+                                     search.hparams.seed, search.hparams.max_weak_examples, search.hparams.on_test_overlap,
+                                     search.hparams.weak_anchor_ratio)
+            summary[spec.name] = {**key, **info}
+            if trainer.is_global_zero:
+                write_jsonl_atomic(out, rows)
+                losses = {r["id"]: round(gold_loss(r), 6) for r in sorted(records, key=lambda r: r["id"])}
+                write_atomic(loss_path, json.dumps(losses).encode())
+                write_atomic(summary_path, yaml.safe_dump(summary, sort_keys=True).encode())
+            trainer.strategy.barrier()
+            log.info("weak data of '%s': %d mispredicted + %d low-margin of %d training examples", spec.name,
+                     info["wrong"], info["low_margin"], info["train"])
+        check_no_test_content(spec, out)
+        specs.append(weak_spec(spec, out))
+    return specs
