@@ -27,6 +27,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     DemoConfig,
     ExpertConfig,
     MergeConfig,
+    MultitaskConfig,
     PipelineError,
     TrainerConfig,
     check_pipeline_settings,
@@ -95,6 +97,7 @@ class Pipeline:
         difficulty_weights: feature weights of the task difficulty score (default `DEFAULT_WEIGHTS`).
         data_dir: the data folder of task specs whose split paths start with `data:` (`configs/real/`); default
             $MEMMCL_DATA_DIR, else ../shared/realdata where it exists.
+        multitask: multi-task LoRA baselines, with and without the CurriculumSampler (`memmcl.baselines`).
     """
 
     def __init__(
@@ -114,12 +117,14 @@ class Pipeline:
         demonstrations: DemoConfig | None = None,
         trainer: TrainerConfig | None = None,
         data_dir: str | None = None,
+        multitask: MultitaskConfig | None = None,
     ):
         self.name, self.backbone, self.dtype, self.seed = name, backbone, dtype, seed
         self.max_length, self.eval_batch_size, self.max_eval_examples = max_length, eval_batch_size, max_eval_examples
         self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
         self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
         self.difficulty_weights = difficulty_weights
+        self.multitask = multitask or MultitaskConfig()
         self.specs = load_task_specs(list(tasks or embedded_task_names()), data_dir)
         self.run_dir = Path(root) / name
         self.phases: dict[str, dict] = {}
@@ -129,7 +134,7 @@ class Pipeline:
     def check_settings(self) -> None:
         """Checks every setting that a later phase would reject, so a bad one fails before any expert is trained."""
         check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
-                                self.demos, self.difficulty_weights, [s.name for s in self.specs])
+                                self.demos, self.difficulty_weights, [s.name for s in self.specs], self.multitask)
         if self.backbone not in BACKBONES:  # a local directory must exist now (registered ones are built when used)
             try:
                 resolve_backbone(self.backbone)
@@ -236,28 +241,38 @@ class Pipeline:
         self._finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
         return metrics
 
-    def parallel_experts(self) -> None:
-        """Trains the experts not yet done in `expert.workers` processes (one CPU device only: a tiny model's step
-        is mostly per-op overhead, so two single-thread processes train ~1.5x faster than one with two threads)."""
+    def in_workers(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
+        """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several
+        and the run is on one CPU device (a tiny model's step is mostly per-op overhead, so two single-thread
+        processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
         t = self.trainer_config
-        pending = [s for s in self.specs
-                   if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)]
-        if self.expert.workers <= 1 or len(pending) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
+        if self.expert.workers <= 1 or len(jobs) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
                 or str(t.devices) != "1":
             return
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        workers = min(self.expert.workers, len(pending))
+        workers = min(self.expert.workers, len(jobs))
         threads = max(1, torch.get_num_threads() // workers)
         worker_view = copy.copy(self)
         worker_view.trainer_config = dataclasses.replace(t, progress_bar=False)
-        log.info("training %d experts in %d processes of %d thread(s)", len(pending), workers, threads)
+        log.info("running %d phases in %d processes of %d thread(s)", len(jobs), workers, threads)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
                                  initargs=(threads,)) as pool:
-            jobs = [(s.name, pool.submit(_expert_job, worker_view, s)) for s in pending]
-            for name, job in jobs:
-                self.phases[f"expert:{name}"] = job.result()
+            futures = [(name, pool.submit(_phase_job, worker_view, name, fn, args)) for name, fn, args in jobs]
+            for name, future in futures:
+                self.phases[name] = future.result()
+
+    def multitask_phases(self, difficulty: dict) -> dict[str, dict]:
+        """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
+        from memmcl.baselines import MULTITASK_OUTPUTS, multitask_key, multitask_phase, variant_name
+
+        data_hash = config_hash([(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs])
+        args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in self.multitask.pacings}
+        self.in_workers([(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
+                         if not self._done(self.run_dir / "multitask" / variant_name(pacing),
+                                           multitask_key(self, *a), MULTITASK_OUTPUTS)])
+        return {variant_name(pacing): multitask_phase(self, *a) for pacing, a in args.items()}
 
     def search(self) -> MergeSearch:
         """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
@@ -324,11 +339,11 @@ class Pipeline:
                      fitness={s: r["fitness"] for s, r in record["stages"].items()})
         return key, record
 
-    def eval_phase(self, merge_key: str, record: dict, difficulty: dict, metadata: dict) -> dict:
+    def eval_phase(self, merge_key: str, record: dict, difficulty: dict, metadata: dict, multitask: dict) -> dict:
         """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
         with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
         out = self.run_dir / "eval"
-        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.max_eval_examples])
+        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.max_eval_examples, multitask])
         if marker := self._done(out, key, ("results.json",)):
             self._skip("eval", marker)
             return json.loads((out / "results.json").read_text())
@@ -336,7 +351,7 @@ class Pipeline:
         search = self.search()
         trainer = self._trainer(None, quiet=True)
         merges = search.candidate_merges(record)
-        models = {"base": merges["base"], "uniform": merges["uniform"]}
+        models = {name: merges[name] for name in ("base", "uniform", "task_arithmetic") if name in merges}
         models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != "evolved_global"})
         models["evolved_global"] = merges["final"]
 
@@ -349,6 +364,7 @@ class Pipeline:
         plain = dm(self.specs)
         for name, c in models.items():
             results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
+        results.update(multitask)  # trained and tested by their own phases, same scorer and test sample
         results["expert"] = {}
         for t, spec in enumerate(self.specs):
             onehot = torch.zeros_like(merges["base"])
@@ -395,7 +411,8 @@ class Pipeline:
     def _run_phases(self) -> dict:
         started = time.time()
         metadata = self.data_phase()
-        self.parallel_experts()
+        self.in_workers([(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
+                         if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)])
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
@@ -403,8 +420,9 @@ class Pipeline:
                        for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)
+        multitask = self.multitask_phases(difficulty)
         merge_key, record = self.merge_phase(expert_keys)
-        results = self.eval_phase(merge_key, record, difficulty, metadata)
+        results = self.eval_phase(merge_key, record, difficulty, metadata, multitask)
         if rank_zero_only.rank == 0:
             _write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1)})
             from memmcl.report import write_report
@@ -413,10 +431,10 @@ class Pipeline:
         return results
 
 
-def _expert_job(pipeline: Pipeline, spec: TaskSpec) -> dict:
-    """Trains one expert in a worker process; returns its phase record."""
-    pipeline.expert_phase(spec)
-    return pipeline.phases[f"expert:{spec.name}"]
+def _phase_job(pipeline: Pipeline, name: str, fn: Callable, args: tuple) -> dict:
+    """Runs one phase in a worker process; returns its phase record."""
+    fn(pipeline, *args)
+    return pipeline.phases[name]
 
 
 def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:

@@ -15,6 +15,9 @@ MODEL_COLUMNS = {
     "base": "base (zero-shot)",
     "expert": "expert",
     "uniform": "uniform merge",
+    "task_arithmetic": "task arithmetic (tuned λ)",
+    "multitask": "multi-task LoRA",
+    "multitask+curriculum": "multi-task LoRA + curriculum",
     "evolved_group": "evolved group merge",
     "evolved_global": "evolved global merge",
     "evolved_global+icl": "global + curriculum ICL",
@@ -136,6 +139,23 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     ax.set_title("Fitness per generation")
     written.append(_save_figure(fig, out / "fitness.png"))
 
+    for stage, result in stages.items():  # NSGA-II: each stage's Pareto front, one line per member, the knee bold
+        if not result.get("front"):
+            continue
+        objectives = result["objectives"]
+        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(objectives) + 2), 4))
+        for member in result["front"]:
+            knee = member["genome"] == result["genome"]
+            ax.plot(range(len(objectives)), member["objectives"], marker="o", lw=2.5 if knee else 1,
+                    color="tab:red" if knee else "tab:gray", alpha=1.0 if knee else 0.5, zorder=3 if knee else 2)
+        ax.plot([], [], color="tab:red", lw=2.5, label="knee (the stage's merge)")
+        ax.plot([], [], color="tab:gray", label="other front members")
+        ax.set_xticks(range(len(objectives)), objectives, rotation=35, ha="right")
+        ax.set_ylabel("accuracy on weak data")
+        ax.legend(fontsize=7)
+        ax.set_title(f"Pareto front of stage {stage} ({len(result['front'])} members)")
+        written.append(_save_figure(fig, out / f"pareto_{stage}.png"))
+
     order = difficulty["order"]
     fig, ax = plt.subplots(figsize=(6, 0.35 * len(order) + 1.2))
     ax.barh(range(len(order)), [difficulty["scores"][t] for t in order], color="tab:orange")
@@ -173,8 +193,15 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]
     for stage, r in genome["stages"].items():
         lines.append(f"| {stage} | {', '.join(r['members'])} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")
+    ta = genome.get("baselines", {}).get("task_arithmetic")
+    if ta:
+        grid = ", ".join(f"{k:g}: {v:.4f}" for k, v in ta["fitness_by_scale"].items())
+        lines += [f"| task arithmetic (λ = {ta['scale']:g}) | all experts | | {ta['fitness']:.4f} |", "",
+                  f"Task arithmetic is base + λ Σ ΔLoRA with λ tuned on the weak data (fitness per λ: {grid})."]
     lines += ["", "Final coefficients: " + ", ".join(f"{n} {sum(v) / len(v):.3f}" for n, v in genome["coefficients"].items()),
-              "", "![merge weights](merge_weights.png) ![fitness](fitness.png)", "",
+              "", "![merge weights](merge_weights.png) ![fitness](fitness.png)", ""]
+    lines += [f"![Pareto front {s}](pareto_{s}.png)" for s, r in stages.items() if r.get("front")]
+    lines += ["",
               "## Difficulty (curriculum order, easy to hard)", ""]
     from memmcl.curriculum.difficulty import Difficulty, format_difficulty_table
 

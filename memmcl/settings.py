@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from memmcl.curriculum.demonstrations import DemoScope
 from memmcl.curriculum.difficulty import check_weights
+from memmcl.curriculum.pacing import Pacing
 from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
 
@@ -70,8 +72,21 @@ class MergeConfig:
     fitness: Literal["mean", "protect"] = "mean"
     worst_weight: float = 1.0
     fold: bool = True
+    task_arithmetic_scales: tuple[float, ...] | None = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
     groups: dict[str, list[str]] | None = None
     on_test_overlap: Literal["error", "drop"] = "error"
+
+
+@dataclass
+class MultitaskConfig:
+    """Multi-task LoRA baselines (see `memmcl.baselines`): one adapter per pacing in `pacings` (`none`: every task
+    from the start; `root` / `linear` / `baby_steps`: the CurriculumSampler, easy → hard), `max_epochs` epochs of
+    `samples_per_epoch` samples (null: every training example once). Empty `pacings`: no baseline."""
+
+    pacings: list[Pacing] = dataclasses.field(default_factory=list)
+    max_epochs: int = 4
+    samples_per_epoch: int | None = None
+    start_competence: float = 0.25
 
 
 @dataclass
@@ -86,7 +101,8 @@ class DemoConfig:
 
 
 def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_examples: int | None, e: ExpertConfig,
-                            m: MergeConfig, d: DemoConfig, difficulty_weights: dict | None, names: list[str]) -> None:
+                            m: MergeConfig, d: DemoConfig, difficulty_weights: dict | None, names: list[str],
+                            mt: MultitaskConfig | None = None) -> None:
     """Checks every setting a later phase would reject, so a bad one fails before any expert is trained; each error
     names the config field (`merge.population: expected an integer >= 2, got 1`)."""
     for field, value in [("max_length", max_length), ("eval_batch_size", eval_batch_size),
@@ -106,6 +122,8 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(len(m.bounds) == 2 and m.bounds[0] < m.bounds[1], "merge.bounds", list(m.bounds), "[low, high] with low < high")
     _require(0 < m.density <= 1, "merge.density", m.density, "a share in (0, 1]")
     _require(m.min_weak_examples >= 0, "merge.min_weak_examples", m.min_weak_examples, "an integer >= 0")
+    _require(all(x > 0 for x in m.task_arithmetic_scales or ()), "merge.task_arithmetic_scales",
+             m.task_arithmetic_scales, "null or scales > 0")
     _require(m.worst_weight >= 0, "merge.worst_weight", m.worst_weight, "a weight >= 0")
     _require(m.weak_anchor_ratio >= 0, "merge.weak_anchor_ratio", m.weak_anchor_ratio, "a ratio >= 0")
     if m.task_weights is not None:
@@ -116,6 +134,12 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     for group, members in (m.groups or {}).items():
         unknown = sorted(set(members) - set(names))
         _require(bool(members) and not unknown, f"merge.groups.{group}", members, f"a non-empty list of tasks among {names}")
+    mt = mt or MultitaskConfig()
+    _require(len(set(mt.pacings)) == len(mt.pacings), "multitask.pacings", mt.pacings, "each pacing once")
+    _require(mt.max_epochs >= 1, "multitask.max_epochs", mt.max_epochs, "an integer >= 1")
+    _require(mt.samples_per_epoch is None or mt.samples_per_epoch >= 1, "multitask.samples_per_epoch",
+             mt.samples_per_epoch, "null or an integer >= 1")
+    _require(0 < mt.start_competence <= 1, "multitask.start_competence", mt.start_competence, "a share in (0, 1]")
     _require(d.k >= 0, "demonstrations.k", d.k, "an integer >= 0")
     _require(d.k == 0 or d.max_length >= max_length, "demonstrations.max_length", d.max_length,
              f"at least max_length ({max_length}): demonstrations are added to the zero-shot prompt")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from memmcl.merging.search import MergeSearch
-from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, Pipeline, TrainerConfig
+from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, Pipeline, TrainerConfig
 from memmcl.report import ReportError, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,8 @@ def pipeline(tmp_path, tiny_dir, generations=2):
         name="small", root=str(tmp_path), backbone=str(tiny_dir), tasks=TASKS, max_length=64,
         expert=ExpertConfig(lora_r=2, lora_alpha=4, max_epochs=2, batch_size=8, max_train_examples=24),
         merge=MergeConfig(population=4, generations=generations, max_weak_examples=12, min_weak_examples=8),
-        demonstrations=DemoConfig(k=2, max_length=160), trainer=TrainerConfig(progress_bar=False))
+        demonstrations=DemoConfig(k=2, max_length=160), trainer=TrainerConfig(progress_bar=False),
+        multitask=MultitaskConfig(pacings=["none", "root"], max_epochs=2))
 
 
 class Killed(RuntimeError):
@@ -40,7 +41,8 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     second = pipeline(tmp_path, tiny_dir)
     results = second.run()
     skipped = {p for p, r in second.phases.items() if r["skipped"]}
-    assert skipped == {"data", "expert:sc_binary", "expert:sc_3class", "expert:irony", "weak", "difficulty"}
+    assert skipped == {"data", "expert:sc_binary", "expert:sc_3class", "expert:irony", "weak", "difficulty",
+                       "multitask:multitask", "multitask:multitask+curriculum"}
     assert second.phases["merge"]["resumed"] is True
     run = tmp_path / "small"
     history = yaml.safe_load((run / "merge" / "stages" / "MAST" / "result.yaml").read_text())["history"]
@@ -48,13 +50,20 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
 
     # every model of the evaluation matrix, on every task's test split
     models = results["models"]
-    assert set(models) == {"base", "uniform", "evolved_SC", "evolved_MAST", "evolved_global", "expert",
-                           "evolved_global+icl", "evolved_global+icl_random"}
+    assert set(models) == {"base", "uniform", "task_arithmetic", "evolved_SC", "evolved_MAST", "evolved_global", "expert",
+                           "evolved_global+icl", "evolved_global+icl_random", "multitask", "multitask+curriculum"}
+    genome = yaml.safe_load((tmp_path / "small" / "merge" / "best_genome.yaml").read_text())
+    ta = genome["baselines"]["task_arithmetic"]
+    assert ta["fitness"] == max(ta["fitness_by_scale"].values()) and set(ta["coefficients"]["irony"]) == {ta["scale"]}
+    # the curriculum opened the easiest task first, so its adapter differs from the one trained on all tasks at once
+    adapters = [(tmp_path / "small" / "multitask" / v / "expert" / "adapter_model.safetensors").read_bytes()
+                for v in ("multitask", "multitask+curriculum")]
+    assert adapters[0] != adapters[1]
     assert all(set(models[m]) == set(TASKS) for m in models)
     assert results["means"]["evolved_global"]["overall"] == pytest.approx(
         sum(models["evolved_global"][t]["acc"] for t in TASKS) / 3)
     report = (run / "report" / "report.md").read_text()
-    assert "| **mean SC** | SC |" in report and "evolved global merge" in report
+    assert "| **mean SC** | SC |" in report and "evolved global merge" in report and "multi-task LoRA + curriculum" in report
     assert {p.name for p in (run / "report").glob("*.png")} == {"accuracy.png", "merge_weights.png", "fitness.png", "difficulty.png"}
     difficulty = json.loads((run / "difficulty" / "difficulty.json").read_text())
     assert sorted(difficulty["order"]) == sorted(TASKS) and "expert_error" in difficulty["weights"]

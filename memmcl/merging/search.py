@@ -37,7 +37,7 @@ from memmcl.merging.multilora import (
     coefficients_to_yaml,
     read_lora_factors,
 )
-from memmcl.merging.stage import quiet_progress_bar, run_stage
+from memmcl.merging.stage import quiet_progress_bar, run_stage, tune_task_arithmetic
 from memmcl.merging.weak import mine_weak_data
 from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
@@ -76,6 +76,8 @@ class MergeSearch(LabelScoringModule):
             published, mistakes only; see `select_weak`).
         max_train_examples: the experts' training cap (`expert.max_train_examples`): weak data comes from the same
             seeded, label-stratified sample each expert was trained on, not from the whole training split.
+        task_arithmetic_scales: the baseline base + λ Σ_t ΔLoRA_t is tuned over these λ on weak data (null or []:
+            no baseline); it is scored beside the evolved merges.
     """
 
     log_eval_to_logger = False
@@ -109,6 +111,7 @@ class MergeSearch(LabelScoringModule):
         weak_dir: str | None = None,
         weak_anchor_ratio: float = 0.0,
         max_train_examples: int | None = None,
+        task_arithmetic_scales: tuple[float, ...] | None = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -229,6 +232,9 @@ class MergeSearch(LabelScoringModule):
             else:
                 final = stages[next(iter(self.groups))]
             coef = self._coef_matrix(final["coefficients"])
+            baselines = {}
+            if self.hparams.task_arithmetic_scales:
+                baselines["task_arithmetic"] = tune_task_arithmetic(self, trainer, weak, list(self.hparams.task_arithmetic_scales))
             record = {
                 "backbone": self.backbone,
                 "experts": {n: str(p.resolve()) for n, p in zip(self.names, self.expert_dirs, strict=True)},
@@ -239,6 +245,7 @@ class MergeSearch(LabelScoringModule):
                 "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
                            for s, r in stages.items()},
                 "coefficients": coefficients_to_yaml(coef, self.names),
+                "baselines": baselines,
             }
             if trainer.is_global_zero:
                 write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
@@ -275,7 +282,8 @@ class MergeSearch(LabelScoringModule):
 
     def candidate_merges(self, record: dict) -> dict[str, torch.Tensor]:
         """Returns the coefficient matrices to score after a search `record` (best_genome): `base` (no expert),
-        `uniform` (1/T each), `uniform_<group>`, `evolved_<stage>` for each stage and `final` (the record's own)."""
+        `uniform` (1/T each), `uniform_<group>`, `evolved_<stage>` for each stage, each baseline (`task_arithmetic`)
+        and `final` (the record's own)."""
         T = self.model.n_experts
         candidates = {"base": torch.zeros(self.hparams.blocks, T),
                       "uniform": torch.full((self.hparams.blocks, T), 1.0 / T)}
@@ -285,6 +293,8 @@ class MergeSearch(LabelScoringModule):
             candidates[f"uniform_{g}"] = u
         for stage, r in record.get("stages", {}).items():
             candidates[f"evolved_{stage}"] = self._coef_matrix(r["coefficients"])
+        for name, r in record.get("baselines", {}).items():
+            candidates[name] = self._coef_matrix(r["coefficients"])
         candidates["final"] = self._coef_matrix(record["coefficients"])
         return candidates
 

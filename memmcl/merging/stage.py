@@ -160,6 +160,23 @@ def run_stage(search: MergeSearch, trainer: L.Trainer, stage: str, basis: torch.
     return result
 
 
+def tune_task_arithmetic(search: MergeSearch, trainer: L.Trainer, weak: list[TaskSpec], scales: list[float]) -> dict:
+    """Task arithmetic with one tuned scale (Ilharco et al., 2023), the simplest searched merge and a baseline:
+    base + λ Σ_t ΔLoRA_t, λ picked from `scales` by the search's fitness on the union of weak data (the first of
+    equals). Returns {scale, fitness, fitness_by_scale, coefficients}."""
+    h = search.hparams
+    dm = search.datamodule(weak)
+    units = stage_units([s.name for s in weak], search.task_group)
+    T = search.model.n_experts
+    by_scale = {}
+    for scale in scales:
+        res = search.evaluate(trainer, torch.full((h.blocks, T), float(scale)), dm)
+        by_scale[float(scale)] = scalar_fitness(res, units, h.task_weights or {}, h.fitness, h.worst_weight)
+    best = max(by_scale, key=lambda s: (by_scale[s], -list(by_scale).index(s)))
+    return {"scale": best, "fitness": by_scale[best], "fitness_by_scale": by_scale,
+            "coefficients": coefficients_to_yaml(torch.full((h.blocks, T), best), search.names)}
+
+
 def _log_generation(search: MergeSearch, trainer: L.Trainer, stage: str, state: dict, member_names: list[str]) -> None:
     logger = trainer.logger
     if logger is None:

@@ -1,0 +1,85 @@
+"""Multi-task LoRA baselines of `memmcl pipeline`: one adapter fitted on every task's training data at once, the
+alternative to training experts and merging them. One adapter per pacing in `multitask.pacings`: `none` (every task
+from the first epoch) or a `CurriculumSampler` pacing (tasks opened easy → hard in the run's difficulty order).
+
+    runs/<name>/multitask/<variant>/   expert/ (peft adapter + expert.yaml), test.json (per-task test accuracy / F1)
+
+The adapter has the experts' LoRA settings (r, alpha, lr, batch size, training cap); it trains `multitask.max_epochs`
+epochs of `multitask.samples_per_epoch` samples drawn over the open tasks (default: every training example once per
+epoch) and is tested with the same scorer and test sample as every merge.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from memmcl.callbacks.curriculum import CurriculumSampler
+from memmcl.experts.expert import LoRAExpert
+from memmcl.tasks.datamodule import MultiTaskDataModule
+
+if TYPE_CHECKING:
+    from memmcl.pipeline import Pipeline
+
+MULTITASK_OUTPUTS = ("test.json", "expert/expert.yaml", "expert/adapter_model.safetensors")
+
+
+def variant_name(pacing: str) -> str:
+    """The model's name in eval/results.json: `multitask` (no pacing) or `multitask+curriculum[_<pacing>]`."""
+    if pacing == "none":
+        return "multitask"
+    return "multitask+curriculum" if pacing == "root" else f"multitask+curriculum_{pacing}"
+
+
+def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
+    from memmcl.pipeline import config_hash
+
+    expert = {k: v for k, v in asdict(p.expert).items() if k not in ("workers", "stop_at_accuracy", "max_epochs")}
+    settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
+    return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
+                        settings, pacing, order if pacing != "none" else None, data_hash])
+
+
+def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> dict:
+    """Trains and tests one multi-task adapter into multitask/<variant>; returns its per-task test results."""
+    name = variant_name(pacing)
+    out = p.run_dir / "multitask" / name
+    key = multitask_key(p, pacing, order, data_hash)
+    if marker := p._done(out, key, MULTITASK_OUTPUTS):
+        p._skip(f"multitask:{name}", marker)
+        return json.loads((out / "test.json").read_text())
+    started = time.time()
+    if rank_zero_only.rank == 0 and out.exists():
+        shutil.rmtree(out)
+    import lightning as L
+
+    e, m = p.expert, p.multitask
+    L.seed_everything(p.seed, verbose=False)
+    model = LoRAExpert(backbone=p.backbone, dtype=p.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+                       lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
+                       warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
+                       gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
+    dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=e.batch_size,
+                             eval_batch_size=p.eval_batch_size, max_train_examples=e.max_train_examples,
+                             max_eval_examples=p.max_eval_examples, seed=p.seed, samples_per_epoch=m.samples_per_epoch)
+    callbacks = [] if pacing == "none" else [CurriculumSampler(pacing=pacing, order=order,
+                                                               start_competence=m.start_competence)]
+    trainer = p._trainer(f"multitask/{name}", max_epochs=m.max_epochs, callbacks=callbacks, limit_val_batches=0,
+                         log_every_n_steps=10)
+    trainer.fit(model, dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    results = {t: dict(r) for t, r in model.results["test"].items()}
+    if rank_zero_only.rank == 0:
+        from memmcl.experts.expert import write_atomic
+
+        write_atomic(out / "test.json", json.dumps(results, indent=1).encode())
+    trainer.strategy.barrier()
+    per_epoch = m.samples_per_epoch or sum(len(dm.examples[s.name]["train"]) for s in p.specs)
+    p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch,
+              mean_acc=sum(r["acc"] for r in results.values()) / len(results))
+    return results
