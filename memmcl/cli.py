@@ -6,7 +6,6 @@ Models and DataModules are given as `class_path` / `init_args` in YAML. A new su
 
 from __future__ import annotations
 
-import logging
 import os
 
 import lightning as L
@@ -108,20 +107,50 @@ def report_main(args: list[str]) -> None:
     print(write_report(parser.parse_args(args).run_dir))
 
 
+# The seven verbs of `memmcl`, in the order a newcomer needs them: (one line for `memmcl --help`, handler); a
+# handler of None is a LightningCLI subcommand (`memmcl <verb> --help` lists its options).
+VERBS: dict[str, tuple[str, object]] = {
+    "pipeline": ("the whole method over one run directory: experts, weak data, difficulty, merges, evaluation, "
+                 "report (configs/demo/pipeline.yaml)", pipeline_main),
+    "report": ("re-render report.md and the plots of a run directory (runs/<name>)", report_main),
+    "fit": ("train a LoRA expert, or one multi-task adapter with the CurriculumSampler (configs/demo/expert.yaml)", None),
+    "validate": ("score a model on the validation splits", None),
+    "test": ("score a model on the test splits", None),
+    "predict": ("write per-example predictions (PredictionWriter)", None),
+    "merge": ("evolutionary merge of saved LoRA experts (MergeSearch, configs/demo/merge.yaml)", None),
+}
+
+
+def verb_help() -> str:
+    width = max(map(len, VERBS))
+    return "\n".join(["usage: memmcl <verb> [--config FILE] [options] [--verbose]", "", "verbs:",
+                      *(f"  {v:{width}s}  {text}" for v, (text, _) in VERBS.items()), "",
+                      "memmcl <verb> --help lists a verb's options; --verbose keeps library warnings and tracebacks."])
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `memmcl` console script."""
     import sys
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if args is None else args)
     verbose = "--verbose" in argv or os.environ.get("MEMMCL_VERBOSE", "") not in ("", "0")
+    if verbose:
+        os.environ["MEMMCL_VERBOSE"] = "1"  # worker processes inherit it
     argv = [a for a in argv if a != "--verbose"]
+    from memmcl.rundir import quiet_libraries
+
+    quiet_libraries()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(verb_help())
+        return
+    if argv[0] not in VERBS:
+        print(f"memmcl: error: unknown verb '{argv[0]}'; expected one of {', '.join(VERBS)}", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        # The method's whole-run verbs have their own parsers (no single model or datamodule to configure).
-        if argv and argv[0] in ("pipeline", "report"):
-            return (pipeline_main if argv[0] == "pipeline" else report_main)(argv[1:])
+        handler = VERBS[argv[0]][1]
+        if handler is not None:  # the whole-run verbs have their own parsers (no single model or datamodule)
+            return handler(argv[1:])
         MemmclCLI(args=argv)
     except ValueError as err:
         # Our own errors (bad settings, files, experts) name the field or file: one line, no traceback, unless asked.
@@ -131,4 +160,4 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-__all__ = ["MemmclCLI", "MemmclTrainer", "TensorBoardLogger", "main"]
+__all__ = ["VERBS", "MemmclCLI", "MemmclTrainer", "TensorBoardLogger", "main"]

@@ -144,12 +144,34 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def quiet_libraries() -> None:
+    """Quiet runs (the default; `--verbose` or MEMMCL_VERBOSE=1 keeps everything): no warnings raised outside memmcl
+    (library deprecations), no weight-loading bars, Lightning's info lines only from our own progress bars."""
+    import logging
+    import warnings
+
+    if os.environ.get("MEMMCL_VERBOSE", "") not in ("", "0"):
+        return
+    warnings.filterwarnings("ignore", module=r"^(?!memmcl)")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def init_worker(threads: int) -> None:
-    """Initializer of the pipeline's expert worker processes: die with the parent, use `threads` threads."""
+    """Initializer of the pipeline's worker processes: die with the parent, use `threads` threads, stay quiet."""
     import torch
 
     die_with_parent()
     torch.set_num_threads(threads)
+    quiet_libraries()
 
 
 def file_sha(path: Path) -> str:
