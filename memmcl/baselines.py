@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.callbacks.curriculum import CurriculumSampler
 from memmcl.experts.expert import LoRAExpert
+from memmcl.rundir import config_hash, write_atomic
 from memmcl.tasks.datamodule import MultiTaskDataModule
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ def variant_name(pacing: str) -> str:
 
 
 def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
-    from memmcl.pipeline import config_hash
-
     expert = {k: v for k, v in asdict(p.expert).items() if k not in ("workers", "stop_at_accuracy", "max_epochs")}
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
     return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
@@ -75,8 +74,6 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     trainer.test(model, datamodule=dm, verbose=False)
     results = {t: dict(r) for t, r in model.results["test"].items()}
     if rank_zero_only.rank == 0:
-        from memmcl.experts.expert import write_atomic
-
         write_atomic(out / "test.json", json.dumps(results, indent=1).encode())
     trainer.strategy.barrier()
     per_epoch = m.samples_per_epoch or sum(len(dm.examples[s.name]["train"]) for s in p.specs)

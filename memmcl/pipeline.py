@@ -39,11 +39,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
+from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
-from memmcl.rundir import RunLock, file_problem, file_sha, init_worker, sweep_temporaries
+from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
+    RunLock,
+    config_hash,
+    file_problem,
+    file_sha,
+    init_worker,
+    sweep_temporaries,
+    write_json,
+)
 from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settings)
     DemoConfig,
     ExpertConfig,
@@ -63,11 +72,6 @@ PHASE_FILE = ".phase.json"
 EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.json", "expert/adapter_model.safetensors")
 
 
-def config_hash(obj) -> str:
-    """Returns a short, stable hash of a JSON-able object (the key that decides whether a phase is done)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for split in splits:
@@ -77,11 +81,6 @@ def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
                 if f.is_file():
                     digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _write_json(path: Path, data) -> None:
-    if rank_zero_only.rank == 0:
-        write_atomic(path, json.dumps(data, indent=1, default=str).encode())
 
 
 class Pipeline:
@@ -158,7 +157,7 @@ class Pipeline:
 
     def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
         record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
-        _write_json(phase_dir / PHASE_FILE, record)
+        write_json(phase_dir / PHASE_FILE, record)
         self.phases[phase] = {**record, "skipped": False}
 
     def _skip(self, phase: str, marker: dict) -> None:
@@ -198,7 +197,7 @@ class Pipeline:
         for spec in self.specs:
             labels = Counter(e.label for e in dm.examples[spec.name]["test"])
             metadata[spec.name]["majority_test"] = max(labels.values()) / sum(labels.values())
-        _write_json(out / "metadata.json", metadata)
+        write_json(out / "metadata.json", metadata)
         self._finish("data", out, key, started)
         return metadata
 
@@ -236,7 +235,7 @@ class Pipeline:
         trainer.fit(model, dm)
         metrics = {**model.results["val"][spec.name], "epochs": trainer.current_epoch,
                    "seconds": round(time.time() - started, 2), "train_examples": len(dm.examples[spec.name]["train"])}
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
         trainer.strategy.barrier()
         self._finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
         return metrics
@@ -310,7 +309,7 @@ class Pipeline:
         started = time.time()
         difficulty = difficulty_scores(features, self.difficulty_weights)
         record = {**difficulty.to_dict(), "features": features, "groups": {s.name: s.group for s in self.specs}}
-        _write_json(out / "difficulty.json", record)
+        write_json(out / "difficulty.json", record)
         if rank_zero_only.rank == 0:
             table = format_difficulty_table(difficulty, record["groups"])
             write_atomic(out / "difficulty.md", (table + "\n").encode())
@@ -332,65 +331,13 @@ class Pipeline:
         started = time.time()
         started_file = out / ".started.json"
         resume = started_file.exists() and json.loads(started_file.read_text()).get("key") == key
-        _write_json(started_file, {"key": key})
+        write_json(started_file, {"key": key})
         trainer = self._trainer("merge")
         record = self.search().run(trainer, resume=resume)
         self._finish("merge", out, key, started, resumed=resume,
                      fitness={s: r["fitness"] for s, r in record["stages"].items()})
         return key, record
 
-    def eval_phase(self, merge_key: str, record: dict, difficulty: dict, metadata: dict, multitask: dict) -> dict:
-        """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
-        with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
-        out = self.run_dir / "eval"
-        key = config_hash([merge_key, asdict(self.demos), difficulty["order"], self.max_eval_examples, multitask])
-        if marker := self._done(out, key, ("results.json",)):
-            self._skip("eval", marker)
-            return json.loads((out / "results.json").read_text())
-        started = time.time()
-        search = self.search()
-        trainer = self._trainer(None, quiet=True)
-        merges = search.candidate_merges(record)
-        models = {name: merges[name] for name in ("base", "uniform", "task_arithmetic") if name in merges}
-        models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != "evolved_global"})
-        models["evolved_global"] = merges["final"]
-
-        def dm(specs, **kw):
-            return MultiTaskDataModule(specs, backbone=self.backbone, max_length=kw.pop("max_length", self.max_length),
-                                       eval_batch_size=self.eval_batch_size, seed=self.seed,
-                                       max_eval_examples=self.max_eval_examples, **kw)
-
-        results: dict[str, dict] = {}
-        plain = dm(self.specs)
-        for name, c in models.items():
-            results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
-        results.update(multitask)  # trained and tested by their own phases, same scorer and test sample
-        results["expert"] = {}
-        for t, spec in enumerate(self.specs):
-            onehot = torch.zeros_like(merges["base"])
-            onehot[:, t] = 1.0
-            results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
-        if self.demos.k > 0:
-            for order in ("curriculum", "random"):
-                icl = dm(self.specs, max_length=self.demos.max_length, demonstrations=self.demos.k, demo_order=order,
-                         demo_scope=self.demos.scope, demo_fixed=self.demos.fixed, demo_losses=str(self.run_dir / "weak"),
-                         difficulty_file=str(self.run_dir / "difficulty" / "difficulty.json"))
-                suffix = "" if order == "curriculum" else "_random"
-                results[f"evolved_global+icl{suffix}"] = dict(search.evaluate(trainer, models["evolved_global"], icl, split="test"))
-        groups = {s.name: s.group for s in self.specs}
-        summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
-                   "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
-                   "demonstrations": asdict(self.demos), "max_eval_examples": self.max_eval_examples}
-        _write_json(out / "results.json", summary)
-        if rank_zero_only.rank == 0:
-            logger = self._tensorboard("eval")
-            for step, m in enumerate(results):
-                logger.experiment.add_scalar("eval/mean_acc", summary["means"][m]["overall"], step)
-                for task, r in results[m].items():
-                    logger.experiment.add_scalar(f"eval/{m}/{task}/acc", r["acc"], 0)
-            logger.finalize("success")
-        self._finish("eval", out, key, started)
-        return summary
 
     # ---- the whole run -------------------------------------------------------------------------------------------
 
@@ -422,9 +369,9 @@ class Pipeline:
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)
         multitask = self.multitask_phases(difficulty)
         merge_key, record = self.merge_phase(expert_keys)
-        results = self.eval_phase(merge_key, record, difficulty, metadata, multitask)
+        results = eval_phase(self, merge_key, record, difficulty, metadata, multitask)
         if rank_zero_only.rank == 0:
-            _write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1)})
+            write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1)})
             from memmcl.report import write_report
 
             write_report(self.run_dir)
@@ -435,12 +382,3 @@ def _phase_job(pipeline: Pipeline, name: str, fn: Callable, args: tuple) -> dict
     """Runs one phase in a worker process; returns its phase record."""
     fn(pipeline, *args)
     return pipeline.phases[name]
-
-
-def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:
-    """Returns mean accuracy overall and per group over the tasks present in `per_task`."""
-    out = {"overall": sum(r["acc"] for r in per_task.values()) / len(per_task)}
-    for g in dict.fromkeys(groups[t] for t in per_task):
-        accs = [r["acc"] for t, r in per_task.items() if groups[t] == g]
-        out[g] = sum(accs) / len(accs)
-    return out

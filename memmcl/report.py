@@ -8,21 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from memmcl.experts.expert import write_atomic
+from memmcl.evaluation import ROSTER
+from memmcl.rundir import write_atomic
 
-# Columns of the accuracy table, in the method's order; a column shows only when the run evaluated it.
-MODEL_COLUMNS = {
-    "base": "base (zero-shot)",
-    "expert": "expert",
-    "uniform": "uniform merge",
-    "task_arithmetic": "task arithmetic (tuned λ)",
-    "multitask": "multi-task LoRA",
-    "multitask+curriculum": "multi-task LoRA + curriculum",
-    "evolved_group": "evolved group merge",
-    "evolved_global": "evolved global merge",
-    "evolved_global+icl": "global + curriculum ICL",
-    "evolved_global+icl_random": "global + random-order ICL",
-}
+MODEL_COLUMNS = ROSTER  # the accuracy table's columns, in the roster's order; a column shows when evaluated
 
 
 class ReportError(ValueError):

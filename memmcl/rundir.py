@@ -9,8 +9,10 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -177,3 +179,55 @@ def init_worker(threads: int) -> None:
 def file_sha(path: Path) -> str:
     """Returns a short content hash of a file (an expert's adapter: the fingerprint weak data and later phases keep)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file renamed into place (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
+    """Writes records as JSONL, atomically."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def atomic_save_dir(out_dir: Path, write: Callable[[Path], object], replace: bool = False) -> None:
+    """Writes a directory through `write(tmp)` beside `out_dir`, then renames it into place (no half-written dir).
+
+    If `out_dir` exists it is kept (another process built it) unless `replace`, in which case it is swapped out
+    only after the new directory is complete, so a failed write never loses the old one.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists() and not replace:
+            shutil.rmtree(tmp)
+            return
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def config_hash(obj) -> str:
+    """Returns a short, stable hash of a JSON-able object (the key that decides whether a phase is done)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data) -> None:
+    """Writes JSON atomically, on rank 0 only (every rank of a DDP run computes the same record)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        write_atomic(path, json.dumps(data, indent=1, default=str).encode())

@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from memmcl.rundir import atomic_save_dir
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,31 +134,6 @@ def pretrain_causal_lm(model, tokenizer, texts: list[str], config: TinyBackboneC
         optimizer.step()
         schedule.step()
     model.eval()
-
-
-def atomic_save_dir(out_dir: Path, write: Callable[[Path], object], replace: bool = False) -> None:
-    """Writes a directory through `write(tmp)` beside `out_dir`, then renames it into place (no half-written dir).
-
-    If `out_dir` exists it is kept (another process built it) unless `replace`, in which case it is swapped out
-    only after the new directory is complete, so a failed write never loses the old one.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists() and not replace:
-            shutil.rmtree(tmp)
-            return
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _tiny_dir(config: TinyBackboneConfig, corpus: list[str]) -> Path:

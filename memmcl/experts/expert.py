@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from memmcl.experts.backbone import Dtype, atomic_save_dir, load_backbone
+from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
 
 # All attention and MLP projections of Llama/Qwen/Mistral-style models.
@@ -229,20 +229,6 @@ def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[L
     expert = LoRAExpert(backbone=backbone or meta["backbone"], adapter=str(path))
     expert.eval()
     return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file renamed into place (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
-    """Writes records as JSONL, atomically."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
 
 
 def gather_records(records: list) -> list:

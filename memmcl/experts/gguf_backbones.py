@@ -13,7 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from memmcl.experts.backbone import BackboneError, atomic_save_dir, cache_root
+from memmcl.experts.backbone import BackboneError, cache_root
+from memmcl.rundir import atomic_save_dir
 
 
 @dataclass(frozen=True)
