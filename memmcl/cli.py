@@ -68,8 +68,9 @@ class MemmclCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
 
 
-def pipeline_main(args: list[str]) -> None:
-    """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 10 ...]`: the whole method."""
+def build_pipeline(args: list[str]):
+    """Returns (parser, parsed config, Pipeline) for `memmcl pipeline` arguments; every setting is checked here,
+    before anything runs."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from memmcl.pipeline import Pipeline
@@ -79,7 +80,12 @@ def pipeline_main(args: list[str]) -> None:
     parser.add_class_arguments(Pipeline)
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
-    pipeline = Pipeline(**{k: v for k, v in init.items() if k != "config"})  # every setting checked here
+    return parser, cfg, Pipeline(**{k: v for k, v in init.items() if k != "config"})
+
+
+def pipeline_main(args: list[str]) -> None:
+    """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 10 ...]`: the whole method."""
+    parser, cfg, pipeline = build_pipeline(args)
     from lightning.pytorch.utilities import rank_zero_only
 
     def write_config() -> None:  # only once the settings passed and the run directory is ours

@@ -33,7 +33,10 @@ ROSTER = {
     "multitask+curriculum": "multi-task LoRA + curriculum",
     "evolved_global+icl": "global + curriculum ICL",
     "evolved_global+icl_random": "global + random-order ICL",
+    "evolved_global+icl_reverse": "global + reverse-order ICL",
 }
+ICL_MODELS = {"curriculum": "evolved_global+icl", "random": "evolved_global+icl_random",
+              "reverse": "evolved_global+icl_reverse"}
 
 
 def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:
@@ -76,17 +79,26 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
         onehot = torch.zeros_like(merges["base"])
         onehot[:, t] = 1.0
         results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
-    if p.demos.k > 0:
-        for order in ("curriculum", "random"):
-            icl = dm(p.specs, max_length=p.demos.max_length, demonstrations=p.demos.k, demo_order=order,
-                     demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_losses=str(p.run_dir / "weak"),
-                     difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"))
-            suffix = "" if order == "curriculum" else "_random"
-            results[f"evolved_global+icl{suffix}"] = dict(search.evaluate(trainer, models["evolved_global"], icl, split="test"))
+    icl: dict[str, dict] = {}
+    if p.demos.k > 0:  # the ablation: each order over `seeds` demonstration draws, its mean per task and the spread
+        icl["none"] = {"per_seed": [sum(r["acc"] for r in results["evolved_global"].values()) / len(p.specs)]}
+        for order in p.demos.orders:
+            runs = []
+            for i in range(p.demos.seeds):
+                data = dm(p.specs, max_length=p.demos.max_length, demonstrations=p.demos.k, demo_order=order,
+                          demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_losses=str(p.run_dir / "weak"),
+                          difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i)
+                runs.append(dict(search.evaluate(trainer, models["evolved_global"], data, split="test")))
+            results[ICL_MODELS[order]] = {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]}
+                                          for t in runs[0]}
+            icl[order] = {"per_seed": [sum(r[t]["acc"] for t in r) / len(r) for r in runs]}
+        for r in icl.values():
+            r["mean"] = sum(r["per_seed"]) / len(r["per_seed"])
+            r["std"] = (sum((x - r["mean"]) ** 2 for x in r["per_seed"]) / len(r["per_seed"])) ** 0.5
     groups = {s.name: s.group for s in p.specs}
     summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
                "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
-               "demonstrations": asdict(p.demos), "max_eval_examples": p.max_eval_examples}
+               "demonstrations": asdict(p.demos), "max_eval_examples": p.max_eval_examples, "icl": icl}
     write_json(out / "results.json", summary)
     if rank_zero_only.rank == 0:
         logger = p._tensorboard("eval")
@@ -94,6 +106,9 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
             logger.experiment.add_scalar("eval/mean_acc", summary["means"][m]["overall"], step)
             for task, r in results[m].items():
                 logger.experiment.add_scalar(f"eval/{m}/{task}/acc", r["acc"], 0)
+        for order, r in icl.items():  # one point per demonstration seed
+            for i, acc in enumerate(r["per_seed"]):
+                logger.experiment.add_scalar(f"eval/icl/{order}/mean_acc", acc, i)
         logger.finalize("success")
     p._finish("eval", out, key, started)
     return summary

@@ -203,6 +203,8 @@ class Pipeline:
 
     def expert_key(self, spec: TaskSpec) -> str:
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}  # how, not what, is trained
+        if not settings["demonstrations"]:  # zero-shot training: keys as before the option existed
+            del settings["demonstrations"], settings["demo_share"]
         capped = [self.max_eval_examples] if self.max_eval_examples else []
         return config_hash([self.backbone, self.dtype, self.seed, self.max_length, *capped, settings, spec.to_dict(),
                             _files_hash(spec, ("train", "validation"))])
@@ -225,7 +227,9 @@ class Pipeline:
                            gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
-                                 max_eval_examples=self.max_eval_examples, seed=self.seed)
+                                 max_eval_examples=self.max_eval_examples, seed=self.seed,
+                                 train_demonstrations=e.demonstrations, train_demo_share=e.demo_share,
+                                 demo_max_length=self.demos.max_length, demo_scope=self.demos.scope)
         callbacks = []
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,

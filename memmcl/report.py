@@ -179,6 +179,16 @@ def write_report(run_dir: str | Path) -> Path:
                      "label-stratified sample).")
     lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
               "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
+    if results.get("icl"):
+        d = results["demonstrations"]
+        lines += ["## In-context demonstrations: the order ablation", "",
+                  f"The evolved global merge with k = {d['k']} demonstrations ({'one fixed set per task' if d['fixed'] else 'a set per query'}, "
+                  f"scope `{d['scope']}`), mean test accuracy over {d['seeds']} demonstration draws (seeds) and its spread.", "",
+                  "| order | mean accuracy | std over seeds | per seed |", "|---|---:|---:|---|"]
+        for order, r in results["icl"].items():
+            label = "none (zero-shot)" if order == "none" else order
+            lines.append(f"| {label} | {r['mean']:.3f} | {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} |")
+        lines.append("")
     lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]
     for stage, r in genome["stages"].items():
         lines.append(f"| {stage} | {', '.join(r['members'])} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")

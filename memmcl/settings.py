@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from memmcl.curriculum.demonstrations import DemoScope
+from memmcl.curriculum.demonstrations import DemoOrder, DemoScope
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import Pacing
 from memmcl.merging.evolution import Algorithm
@@ -36,7 +36,9 @@ class TrainerConfig:
 @dataclass
 class ExpertConfig:
     """LoRA SFT of one expert per task (see `LoRAExpert`); training stops early once validation accuracy reaches
-    `stop_at_accuracy` (null: never)."""
+    `stop_at_accuracy` (null: never). `demonstrations: k` > 0 trains demonstration-aware: a `demo_share` of the
+    training prompts carry 1..k demonstrations of the same task's training split, never the example itself, in
+    curriculum order (`MultiTaskDataModule.train_demonstrations`); the rest stay zero-shot."""
 
     lora_r: int = 16
     lora_alpha: int = 32
@@ -50,6 +52,8 @@ class ExpertConfig:
     stop_at_accuracy: float | None = 0.97
     max_train_examples: int | None = None
     gradient_checkpointing: bool = False
+    demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
+    demo_share: float = 0.5
     workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
 
 
@@ -92,12 +96,16 @@ class MultitaskConfig:
 @dataclass
 class DemoConfig:
     """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none); `fixed`: one set per task
-    for every query (the few-shot protocol, faster to score) instead of a set per query."""
+    for every query (the few-shot protocol, faster to score) instead of a set per query. The ablation scores each of
+    `orders` (besides zero-shot) with `seeds` demonstration draws (seeds seed, seed + 1, ...) and reports the mean
+    and spread over them."""
 
     k: int = 4
     scope: DemoScope = "task"
     max_length: int = 384
     fixed: bool = False
+    orders: list[DemoOrder] = dataclasses.field(default_factory=lambda: ["curriculum", "random", "reverse"])
+    seeds: int = 3
 
 
 def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_examples: int | None, e: ExpertConfig,
@@ -141,6 +149,13 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
              mt.samples_per_epoch, "null or an integer >= 1")
     _require(0 < mt.start_competence <= 1, "multitask.start_competence", mt.start_competence, "a share in (0, 1]")
     _require(d.k >= 0, "demonstrations.k", d.k, "an integer >= 0")
+    _require(d.seeds >= 1, "demonstrations.seeds", d.seeds, "an integer >= 1")
+    _require("none" not in d.orders and len(set(d.orders)) == len(d.orders), "demonstrations.orders", d.orders,
+             "orders among curriculum, random, reverse, each once (zero-shot is always scored)")
+    _require(e.demonstrations >= 0, "expert.demonstrations", e.demonstrations, "an integer >= 0")
+    _require(0 <= e.demo_share <= 1, "expert.demo_share", e.demo_share, "a share in [0, 1]")
+    _require(e.demonstrations == 0 or d.max_length >= max_length, "demonstrations.max_length", d.max_length,
+             f"at least max_length ({max_length}): training prompts with demonstrations use it")
     _require(d.k == 0 or d.max_length >= max_length, "demonstrations.max_length", d.max_length,
              f"at least max_length ({max_length}): demonstrations are added to the zero-shot prompt")
     try:

@@ -194,3 +194,29 @@ def test_datamodule_puts_demonstrations_in_eval_prompts_only(tiny_dir):
         assert text.count("Answer:") == 4 and text.rstrip().endswith("Answer:")
         assert example.text[:20] in text.split("Answer:")[-2]  # the query comes last
         assert len(item["prompt"]) <= 384
+
+
+def test_demonstration_aware_training_prompts(tiny_dir):
+    tasks = ["sc_3class", "irony"]
+    plain = MultiTaskDataModule(tasks, backbone=str(tiny_dir), max_length=96, max_train_examples=60)
+    dm = MultiTaskDataModule(tasks, backbone=str(tiny_dir), max_length=96, max_train_examples=60,
+                             train_demonstrations=3, train_demo_share=0.4, demo_max_length=384)
+    plain.setup(), dm.setup()
+    demos_for = dm._train_demonstration_source()
+    for index, name in enumerate(tasks):
+        items = [it for it in dm.items["train"] if it["task"] == index]
+        zero_shot = {it["id"]: it["prompt"] for it in plain.items["train"] if it["task"] == index}
+        with_demos = [it for it in items if it["demos"]]
+        assert len(with_demos) == round(0.4 * len(items)) == 24  # the configured share, exactly
+        assert {it["demos"] for it in with_demos} == {1, 2, 3}
+        assert all(it["prompt"] == zero_shot[it["id"]] for it in items if not it["demos"])  # the rest stay zero-shot
+        train = {e.id: e for e in dm.examples[name]["train"]}
+        heldout = {e.text for split in ("validation", "test") for e in read_task(load_task_spec(name))[0][split]}
+        for it in with_demos:
+            demos = demos_for(name, train[it["id"]])
+            assert len(demos) == it["demos"]
+            assert all(d.text != train[it["id"]].text and d.text not in heldout for d in demos)
+            assert all(d.text in {e.text for e in train.values()} for d in demos)  # the task's own training sample
+            text = dm.tokenizer.decode(it["prompt"])
+            assert text.count("Answer:") == it["demos"] + 1 and len(it["prompt"]) <= 384
+    assert [it["prompt"] for it in dm.items["test"]] == [it["prompt"] for it in plain.items["test"]]

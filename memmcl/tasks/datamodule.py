@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,15 +26,18 @@ IGNORE_INDEX = -100
 
 
 def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int,
-                    demos_for: Callable[[Example], list] | None = None) -> list[dict]:
-    """Returns one item per example: its prompt ids (with `demos_for(example)` demonstrations), every label's answer
-    ids, the gold label and identifiers."""
+                    demos_for: Callable[[Example], list] | None = None, demo_max_length: int | None = None) -> list[dict]:
+    """Returns one item per example: its prompt ids (with `demos_for(example)` demonstrations, within
+    `demo_max_length` tokens when it has any), every label's answer ids, the gold label, the number of
+    demonstrations and identifiers."""
     answers = [answer_ids(tokenizer, a) for a in spec.answers]
-    return [
-        {"task": task_index, "id": e.id, "label": e.label, "answers": answers,
-         "prompt": build_prompt(tokenizer, spec, e, max_length, demos_for(e) if demos_for else ())}
-        for e in examples
-    ]
+    items = []
+    for e in examples:
+        demos = demos_for(e) if demos_for else []
+        length = (demo_max_length or max_length) if demos else max_length
+        items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
+                      "prompt": build_prompt(tokenizer, spec, e, length, demos)})
+    return items
 
 
 def collate(items: list[dict], pad_id: int) -> dict:
@@ -137,8 +141,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         samples_per_epoch: training samples per epoch (default: all training examples once).
         predict_split: the split `predict` runs over.
         seed: sampling seed.
-        demonstrations: in-context demonstrations per evaluation prompt (validation / test / predict; never train),
-            drawn from training data only (see `memmcl.curriculum.demonstrations`).
+        demonstrations: in-context demonstrations per evaluation prompt (validation / test / predict), drawn from
+            training data only (see `memmcl.curriculum.demonstrations`).
+        train_demonstrations: demonstration-aware training: a `train_demo_share` of the training prompts (a seeded
+            choice per task) carry 1..`train_demonstrations` demonstrations (a seeded count per example) from the
+            same task's training split, never the example itself, in `demo_order` (`none` counts as curriculum);
+            the other prompts stay zero-shot.
+        demo_max_length: prompt + answer tokens of a prompt with demonstrations (default `max_length`).
+        demo_seed: the seed of demonstration draws (default `seed`; the ablation varies it alone, so the sampled
+            evaluation examples stay the same).
         demo_order: `curriculum` (easy → hard), `reverse` (hard → easy), `random` or `none`.
         demo_fixed: one demonstration set per task for every query (the few-shot protocol; prompts share their
             prefix, so scoring is faster) instead of a set drawn per query.
@@ -168,8 +179,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         max_eval_examples: int | None = None,
         data_dir: str | None = None,
         demo_fixed: bool = False,
+        train_demonstrations: int = 0,
+        train_demo_share: float = 0.5,
+        demo_max_length: int | None = None,
+        demo_seed: int | None = None,
     ):
         super().__init__()
+        if train_demonstrations < 0 or not 0 <= train_demo_share <= 1:
+            raise TaskError(f"data.train_demonstrations={train_demonstrations}, data.train_demo_share={train_demo_share}: "
+                            "expected a count >= 0 and a share in [0, 1]")
+        self.train_demonstrations, self.train_demo_share = train_demonstrations, train_demo_share
+        self.demo_max_length, self.demo_seed = demo_max_length, seed if demo_seed is None else demo_seed
         self.max_eval_examples, self.demo_fixed = max_eval_examples, demo_fixed
         if demonstrations < 0:
             raise TaskError(f"data.demonstrations={demonstrations}: expected a count >= 0")
@@ -204,11 +224,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.examples[spec.name] = splits
             if "train" in splits:  # a validation-only task (weak data) has no training metadata
                 self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
-        demos_for = self._demonstration_source()
+        demos_for, train_demos_for = self._demonstration_source(), self._train_demonstration_source()
         for t, spec in enumerate(self.specs):
             for split, examples in self.examples[spec.name].items():
-                source = partial(demos_for, spec.name) if demos_for and split != "train" else None
-                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, source)
+                source = train_demos_for if split == "train" else demos_for
+                source = partial(source, spec.name) if source else None
+                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, source, self.demo_max_length)
                 if split != "train":
                     # Evaluation batches of similar prompt lengths waste little on padding (metrics and written
                     # predictions do not depend on the order); each task's items stay together, so its batches
@@ -220,11 +241,43 @@ class MultiTaskDataModule(L.LightningDataModule):
         """Returns f(task, example) -> demonstrations for evaluation prompts, or None without demonstrations."""
         if not self.demonstrations or self.demo_order == "none":
             return None
+        specs, train, losses, task_order = self._demo_context("data.demonstrations", self.demonstrations)
+
+        def demos_for(task: str, example: Example) -> list:
+            return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
+                                         self.demo_scope, task_order, losses, self.demo_seed, self.demo_fixed)
+
+        return demos_for
+
+    def _train_demonstration_source(self) -> Callable | None:
+        """Returns f(task, example) -> demonstrations for training prompts (a seeded share of each task's examples,
+        a seeded count in 1..k each), or None without demonstration-aware training."""
+        if not self.train_demonstrations or not self.train_demo_share:
+            return None
+        specs, train, losses, task_order = self._demo_context("data.train_demonstrations", self.train_demonstrations)
+        counts: dict[str, dict[str, int]] = {}
+        for name, examples in train.items():
+            rng = random.Random(f"{self.demo_seed}:train-demos:{name}")
+            ids = sorted(e.id for e in examples)
+            rng.shuffle(ids)
+            counts[name] = {i: rng.randint(1, self.train_demonstrations)
+                            for i in ids[: round(self.train_demo_share * len(ids))]}
+        order = "curriculum" if self.demo_order == "none" else self.demo_order
+
+        def demos_for(task: str, example: Example) -> list:
+            k = counts[task].get(example.id, 0)
+            return select_demonstrations(example, task, specs, train, k, order, self.demo_scope, task_order, losses,
+                                         self.demo_seed) if k else []
+
+        return demos_for
+
+    def _demo_context(self, field: str, k: int) -> tuple:
+        """Returns (specs, train pools, per-example losses, task order) that demonstrations are drawn and ordered by."""
         specs = {s.name: s for s in self.specs}
         train = {n: splits["train"] for n, splits in self.examples.items() if "train" in splits}
         missing = sorted(set(specs) - set(train))
         if missing:
-            raise TaskError(f"data.demonstrations={self.demonstrations}: task(s) {missing} have no train split to draw from")
+            raise TaskError(f"{field}={k}: task(s) {missing} have no train split to draw from")
         losses = {}
         if self.demo_losses is not None:
             for name in specs:
@@ -234,12 +287,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                                     f"(written by weak-data mining), or leave demo_losses unset to rank by input length")
                 losses[name] = json.loads(path.read_text())
         task_order = read_difficulty_order(self.difficulty_file, "data.difficulty_file") if self.difficulty_file is not None else None
-
-        def demos_for(task: str, example: Example) -> list:
-            return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
-                                         self.demo_scope, task_order, losses, self.seed, self.demo_fixed)
-
-        return demos_for
+        return specs, train, losses, task_order
 
     @property
     def metadata(self) -> dict[str, TaskMetadata]:
