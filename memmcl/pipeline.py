@@ -44,6 +44,7 @@ from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
+from memmcl.merging.weak import mine_weak_data
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
     config_hash,
@@ -253,7 +254,7 @@ class Pipeline:
                 or str(t.devices) != "1":
             return
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         workers = min(self.expert.workers, len(jobs))
         threads = max(1, torch.get_num_threads() // workers)
@@ -262,9 +263,18 @@ class Pipeline:
         log.info("running %d phases in %d processes of %d thread(s)", len(jobs), workers, threads)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
                                  initargs=(threads,)) as pool:
-            futures = [(name, pool.submit(_phase_job, worker_view, name, fn, args)) for name, fn, args in jobs]
-            for name, future in futures:
-                self.phases[name] = future.result()
+            futures = {pool.submit(_phase_job, worker_view, name, fn, args): name for name, fn, args in jobs}
+            bar = None
+            if t.progress_bar:  # the workers' own bars are off: one bar over the phases here
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(jobs), desc=jobs[0][0].split(":")[0] + " phases", unit="phase")
+            for future in as_completed(futures):
+                self.phases[futures[future]] = future.result()
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
 
     def multitask_phases(self, difficulty: dict) -> dict[str, dict]:
         """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
@@ -297,7 +307,7 @@ class Pipeline:
             self._skip("weak", marker)
         else:
             started = time.time()
-            self.search().mine_weak_data(self._trainer(None))  # long on a real model: Lightning's bar per expert
+            mine_weak_data(self.search(), self._trainer(None, quiet=True), progress=self.trainer_config.progress_bar)
             self._finish("weak", out, key, started)
         return yaml.safe_load((out / "summary.yaml").read_text())
 

@@ -133,10 +133,16 @@ def check_no_test_content(spec: TaskSpec, path: Path) -> None:
             raise WeakDataError(f"{path}:{n}: weak example '{row['id']}' has the content of a test example of '{spec.name}'")
 
 
-def mine_weak_data(search: MergeSearch, trainer: L.Trainer) -> list[TaskSpec]:
+def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = False) -> list[TaskSpec]:
     """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
     (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
-    for the same expert weights; returns the weak-data specs in expert order."""
+    for the same expert weights; returns the weak-data specs in expert order. `progress`: one bar over the
+    experts (run it with a trainer whose own bars are off)."""
+    bar = None
+    if progress and trainer.is_global_zero:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(search.expert_specs), desc="weak data", unit="expert")
     weak_dir = search.weak_dir
     summary_path = weak_dir / "summary.yaml"
     summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
@@ -168,4 +174,8 @@ def mine_weak_data(search: MergeSearch, trainer: L.Trainer) -> list[TaskSpec]:
                      info["wrong"], info["low_margin"], info["train"])
         check_no_test_content(spec, out)
         specs.append(weak_spec(spec, out))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return specs
