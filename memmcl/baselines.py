@@ -38,7 +38,7 @@ def variant_name(pacing: str) -> str:
 
 
 def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
-    expert = {k: v for k, v in asdict(p.expert).items() if k not in ("workers", "stop_at_accuracy", "max_epochs")}
+    expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs")}
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
     return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
                         settings, pacing, order if pacing != "none" else None, data_hash])
@@ -61,7 +61,7 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     L.seed_everything(p.seed, verbose=False)
     model = LoRAExpert(backbone=p.backbone, dtype=p.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                        lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                       warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
+                       weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
                        gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
     dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=e.batch_size,
                              eval_batch_size=p.eval_batch_size, max_train_examples=e.max_train_examples,
@@ -80,3 +80,12 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch,
               mean_acc=sum(r["acc"] for r in results.values()) / len(results))
     return results
+
+
+def multitask_phases(p: Pipeline, difficulty: dict) -> dict[str, dict]:
+    """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
+    data_hash = config_hash([(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in p.specs])
+    args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
+    p.in_workers([(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
+                  if not p._done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
+    return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}

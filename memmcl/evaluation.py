@@ -87,7 +87,8 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
             for i in range(p.demos.seeds):
                 data = dm(p.specs, max_length=p.demos.max_length, demonstrations=p.demos.k, demo_order=order,
                           demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_losses=str(p.run_dir / "weak"),
-                          difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i)
+                          difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i,
+                          encode_splits=["test"])
                 runs.append(dict(search.evaluate(trainer, models["evolved_global"], data, split="test")))
             results[ICL_MODELS[order]] = {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]}
                                           for t in runs[0]}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -38,6 +37,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from memmcl.baselines import multitask_phases
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
 from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
@@ -71,17 +71,6 @@ PHASE_FILE = ".phase.json"
 
 
 EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.json", "expert/adapter_model.safetensors")
-
-
-def _files_hash(spec: TaskSpec, splits: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
-    for split in splits:
-        if split in spec.splits:
-            path = spec.split_path(split)
-            for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-                if f.is_file():
-                    digest.update(f.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 class Pipeline:
@@ -186,7 +175,7 @@ class Pipeline:
         out = self.run_dir / "data"
         capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
-                           [(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs]])
+                           [(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in self.specs]])
         if marker := self._done(out, key, ("metadata.json",)):
             self._skip("data", marker)
             return json.loads((out / "metadata.json").read_text())
@@ -202,13 +191,21 @@ class Pipeline:
         self._finish("data", out, key, started)
         return metadata
 
-    def expert_key(self, spec: TaskSpec) -> str:
-        settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}  # how, not what, is trained
-        if not settings["demonstrations"]:  # zero-shot training: keys as before the option existed
+    def expert_settings(self) -> dict:
+        """The expert settings that decide what is trained (not `workers`); options at their default that were added
+        later are left out, so run directories of earlier versions keep their keys."""
+        settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
+        if not settings["demonstrations"]:
             del settings["demonstrations"], settings["demo_share"]
+        if not settings["weight_decay"]:
+            del settings["weight_decay"]
+        return settings
+
+    def expert_key(self, spec: TaskSpec) -> str:
+        settings = self.expert_settings()
         capped = [self.max_eval_examples] if self.max_eval_examples else []
         return config_hash([self.backbone, self.dtype, self.seed, self.max_length, *capped, settings, spec.to_dict(),
-                            _files_hash(spec, ("train", "validation"))])
+                            spec.data_hash(("train", "validation"))])
 
     def expert_phase(self, spec: TaskSpec) -> dict:
         """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
@@ -224,7 +221,7 @@ class Pipeline:
         L.seed_everything(self.seed, verbose=False)  # each expert's run depends on its settings only, not on skips
         model = LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                            lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                           warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
+                           weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
                            gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
@@ -275,17 +272,6 @@ class Pipeline:
                     bar.update(1)
             if bar is not None:
                 bar.close()
-
-    def multitask_phases(self, difficulty: dict) -> dict[str, dict]:
-        """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
-        from memmcl.baselines import MULTITASK_OUTPUTS, multitask_key, multitask_phase, variant_name
-
-        data_hash = config_hash([(s.to_dict(), _files_hash(s, ("train", "validation", "test"))) for s in self.specs])
-        args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in self.multitask.pacings}
-        self.in_workers([(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
-                         if not self._done(self.run_dir / "multitask" / variant_name(pacing),
-                                           multitask_key(self, *a), MULTITASK_OUTPUTS)])
-        return {variant_name(pacing): multitask_phase(self, *a) for pacing, a in args.items()}
 
     def search(self) -> MergeSearch:
         """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
@@ -381,7 +367,7 @@ class Pipeline:
                        for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)
-        multitask = self.multitask_phases(difficulty)
+        multitask = multitask_phases(self, difficulty)
         merge_key, record = self.merge_phase(expert_keys)
         results = eval_phase(self, merge_key, record, difficulty, metadata, multitask)
         if rank_zero_only.rank == 0:

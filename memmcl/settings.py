@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
 from memmcl.curriculum.demonstrations import DemoOrder, DemoScope
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import Pacing
+from memmcl.experts.expert import LoRAExpert
 from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
+from memmcl.merging.search import MergeSearch
 
 
 class PipelineError(ValueError):
     """A pipeline setting that cannot work; the message names the config field and what was expected."""
+
+
+def _default(cls, name: str):
+    """Returns the default of argument `name` of `cls` (settings repeat no default of the class they configure)."""
+    return inspect.signature(cls.__init__).parameters[name].default
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -40,18 +48,20 @@ class ExpertConfig:
     training prompts carry 1..k demonstrations of the same task's training split, never the example itself, in
     curriculum order (`MultiTaskDataModule.train_demonstrations`); the rest stay zero-shot."""
 
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    lr_schedule: Literal["cosine", "constant"] = "constant"
+    # The LoRA and optimizer fields take LoRAExpert's own defaults (one source of truth).
+    lora_r: int = _default(LoRAExpert, "lora_r")
+    lora_alpha: int = _default(LoRAExpert, "lora_alpha")
+    lora_dropout: float = _default(LoRAExpert, "lora_dropout")
+    target_modules: list[str] | None = _default(LoRAExpert, "target_modules")
+    lr: float = _default(LoRAExpert, "lr")
+    weight_decay: float = _default(LoRAExpert, "weight_decay")
+    warmup_steps: int = _default(LoRAExpert, "warmup_steps")
+    lr_schedule: Literal["cosine", "constant"] = _default(LoRAExpert, "lr_schedule")
     max_epochs: int = 40
     batch_size: int = 16
     stop_at_accuracy: float | None = 0.97
     max_train_examples: int | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _default(LoRAExpert, "gradient_checkpointing")
     demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
     demo_share: float = 0.5
     workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
@@ -59,26 +69,26 @@ class ExpertConfig:
 
 @dataclass
 class MergeConfig:
-    """The evolutionary merge: every field is a `MergeSearch` argument of the same name (see it for each)."""
+    """The evolutionary merge: every field is a `MergeSearch` argument of the same name and default (see it)."""
 
-    algorithm: Algorithm = "cmaes"
-    population: int = 8
-    generations: int = 6
-    sigma: float = 0.3
-    bounds: tuple[float, float] = (0.0, 2.0)
-    blocks: int = 1
-    method: MergeMethod = "linear"
-    density: float = 0.5
-    max_weak_examples: int | None = 64
-    min_weak_examples: int = 32
-    weak_anchor_ratio: float = 0.0
-    task_weights: dict[str, float] | None = None
-    fitness: Literal["mean", "protect"] = "mean"
-    worst_weight: float = 1.0
-    fold: bool = True
-    task_arithmetic_scales: tuple[float, ...] | None = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-    groups: dict[str, list[str]] | None = None
-    on_test_overlap: Literal["error", "drop"] = "error"
+    algorithm: Algorithm = _default(MergeSearch, "algorithm")
+    population: int = _default(MergeSearch, "population")
+    generations: int = _default(MergeSearch, "generations")
+    sigma: float = _default(MergeSearch, "sigma")
+    bounds: tuple[float, float] = _default(MergeSearch, "bounds")
+    blocks: int = _default(MergeSearch, "blocks")
+    method: MergeMethod = _default(MergeSearch, "method")
+    density: float = _default(MergeSearch, "density")
+    max_weak_examples: int | None = _default(MergeSearch, "max_weak_examples")
+    min_weak_examples: int = _default(MergeSearch, "min_weak_examples")
+    weak_anchor_ratio: float = _default(MergeSearch, "weak_anchor_ratio")
+    task_weights: dict[str, float] | None = _default(MergeSearch, "task_weights")
+    fitness: Literal["mean", "protect"] = _default(MergeSearch, "fitness")
+    worst_weight: float = _default(MergeSearch, "worst_weight")
+    fold: bool = _default(MergeSearch, "fold")
+    task_arithmetic_scales: tuple[float, ...] | None = _default(MergeSearch, "task_arithmetic_scales")
+    groups: dict[str, list[str]] | None = _default(MergeSearch, "groups")
+    on_test_overlap: Literal["error", "drop"] = _default(MergeSearch, "on_test_overlap")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[E
         demos = demos_for(e) if demos_for else []
         length = (demo_max_length or max_length) if demos else max_length
         items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
-                      "prompt": build_prompt(tokenizer, spec, e, length, demos)})
+                      "prompt": build_prompt(tokenizer, spec, e, length, demos, max(map(len, answers)))})
     return items
 
 
@@ -150,6 +150,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_max_length: prompt + answer tokens of a prompt with demonstrations (default `max_length`).
         demo_seed: the seed of demonstration draws (default `seed`; the ablation varies it alone, so the sampled
             evaluation examples stay the same).
+        encode_splits: encode only these splits into prompts (default: all; every split is still read, so the
+            training pools and metadata are whole).
         demo_order: `curriculum` (easy → hard), `reverse` (hard → easy), `random` or `none`.
         demo_fixed: one demonstration set per task for every query (the few-shot protocol; prompts share their
             prefix, so scoring is faster) instead of a set drawn per query.
@@ -183,6 +185,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_demo_share: float = 0.5,
         demo_max_length: int | None = None,
         demo_seed: int | None = None,
+        encode_splits: list[str] | None = None,
     ):
         super().__init__()
         if train_demonstrations < 0 or not 0 <= train_demo_share <= 1:
@@ -190,6 +193,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                             "expected a count >= 0 and a share in [0, 1]")
         self.train_demonstrations, self.train_demo_share = train_demonstrations, train_demo_share
         self.demo_max_length, self.demo_seed = demo_max_length, seed if demo_seed is None else demo_seed
+        self.encode_splits = encode_splits
         self.max_eval_examples, self.demo_fixed = max_eval_examples, demo_fixed
         if demonstrations < 0:
             raise TaskError(f"data.demonstrations={demonstrations}: expected a count >= 0")
@@ -227,6 +231,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         demos_for, train_demos_for = self._demonstration_source(), self._train_demonstration_source()
         for t, spec in enumerate(self.specs):
             for split, examples in self.examples[spec.name].items():
+                if self.encode_splits is not None and split not in self.encode_splits:
+                    continue
                 source = train_demos_for if split == "train" else demos_for
                 source = partial(source, spec.name) if source else None
                 items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, source, self.demo_max_length)

@@ -65,14 +65,18 @@ def build_prompt(
     example: Example,
     max_length: int,
     demos: list[Demonstration] | tuple = (),
+    longest_answer: int | None = None,
 ) -> list[int]:
-    """Returns the prompt's token ids, leaving room for the longest answer of the task within `max_length`.
+    """Returns the prompt's token ids, leaving room for the longest answer of the task within `max_length`
+    (`longest_answer` tokens when the caller knows it).
 
     When too long, input texts are cut (the longest first: the query or a demonstration's), never the instruction,
     the demonstrations' answers or the answer itself.
     """
     demos = list(demos)
-    budget = max_length - max(len(answer_ids(tokenizer, a)) for a in spec.answers)
+    if longest_answer is None:
+        longest_answer = max(len(answer_ids(tokenizer, a)) for a in spec.answers)
+    budget = max_length - longest_answer
     text = example.text
     for _ in range(8 + 2 * len(demos)):
         ids = _encode(tokenizer, _prompt_text(tokenizer, spec, text, example.aspect, demos))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,17 @@ class TaskSpec:
         if raw.startswith(EMBEDDED_PREFIX):
             return Path(str(resources.files("memmcl.tasks") / "embedded" / raw[len(EMBEDDED_PREFIX) :]))
         return Path(raw)  # resolved (relative to the spec file, `~` expanded) when the spec was read
+
+    def data_hash(self, splits: tuple[str, ...]) -> str:
+        """Returns a short hash of the contents of the given splits' files (the data a phase consumed)."""
+        digest = hashlib.sha256()
+        for split in splits:
+            if split in self.splits:
+                path = self.split_path(split)
+                for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                    if f.is_file():
+                        digest.update(f.read_bytes())
+        return digest.hexdigest()[:16]
 
     def for_split(self, split: str) -> TaskSpec:
         """Returns the spec as it reads one split: that split's own `format` / `fields` where it sets them."""
