@@ -13,10 +13,10 @@ import time
 
 import torch
 
+from memmcl.datamodule import TaskDataModule
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.scoring import clear_prefix_caches, score_labels
 from memmcl.merging.multilora import LoRAFactors, MultiLoRAModel
-from memmcl.tasks.datamodule import TaskDataModule
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from memmcl.datamodule import MultiTaskDataModule, collate
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.scoring import answer_loss, score_labels
-from memmcl.tasks.datamodule import MultiTaskDataModule, collate
 from memmcl.tasks.prompts import Demonstration, build_prompt
 
 BACKBONE = "smollm2-135m-instruct"

@@ -12,7 +12,6 @@ epoch) and is tested with the same scorer and test sample as every merge.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -20,9 +19,8 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.callbacks.curriculum import CurriculumSampler
-from memmcl.experts.expert import LoRAExpert
+from memmcl.datamodule import MultiTaskDataModule
 from memmcl.rundir import config_hash, write_atomic
-from memmcl.tasks.datamodule import MultiTaskDataModule
 
 if TYPE_CHECKING:
     from memmcl.pipeline import Pipeline
@@ -49,20 +47,10 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     name = variant_name(pacing)
     out = p.run_dir / "multitask" / name
     key = multitask_key(p, pacing, order, data_hash)
-    if marker := p._done(out, key, MULTITASK_OUTPUTS):
-        p._skip(f"multitask:{name}", marker)
+    if p._start_training(f"multitask:{name}", out, key, MULTITASK_OUTPUTS):
         return json.loads((out / "test.json").read_text())
-    started = time.time()
-    if rank_zero_only.rank == 0 and out.exists():
-        shutil.rmtree(out)
-    import lightning as L
-
-    e, m = p.expert, p.multitask
-    L.seed_everything(p.seed, verbose=False)
-    model = LoRAExpert(backbone=p.backbone, dtype=p.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                       lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                       weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
-                       gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
+    started, e, m = time.time(), p.expert, p.multitask
+    model = p.expert_model(out / "expert")
     dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=e.batch_size,
                              eval_batch_size=p.eval_batch_size, max_train_examples=e.max_train_examples,
                              max_eval_examples=p.max_eval_examples, seed=p.seed, samples_per_epoch=m.samples_per_epoch)

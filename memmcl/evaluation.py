@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from memmcl.datamodule import MultiTaskDataModule
 from memmcl.rundir import config_hash, write_json
-from memmcl.tasks.datamodule import MultiTaskDataModule
 
 if TYPE_CHECKING:
     from memmcl.pipeline import Pipeline

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.baselines import multitask_phases
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
+from memmcl.datamodule import MultiTaskDataModule
 from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
@@ -63,7 +64,6 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     TrainerConfig,
     check_pipeline_settings,
 )
-from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,24 @@ class Pipeline:
         data = json.loads(marker.read_text())
         return data if isinstance(data, dict) and data.get("key") == key else None
 
+    def _start_training(self, phase: str, out: Path, key: str, outputs: tuple[str, ...]) -> bool:
+        """True when the training phase is done (skipped); else its folder is cleared for a fresh run."""
+        if marker := self._done(out, key, outputs):
+            self._skip(phase, marker)
+            return True
+        if rank_zero_only.rank == 0 and out.exists():
+            shutil.rmtree(out)
+        return False
+
+    def expert_model(self, export_dir: Path) -> LoRAExpert:
+        """A fresh LoRA adapter with the expert settings, seeded so that a run depends on its settings only."""
+        e = self.expert
+        L.seed_everything(self.seed, verbose=False)
+        return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+                          lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
+                          weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
+                          gradient_checkpointing=e.gradient_checkpointing, export_dir=str(export_dir))
+
     def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
         record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
         write_json(phase_dir / PHASE_FILE, record)
@@ -211,18 +229,10 @@ class Pipeline:
         """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
         out = self.run_dir / "experts" / spec.name
         key = self.expert_key(spec)
-        if marker := self._done(out, key, EXPERT_OUTPUTS):
-            self._skip(f"expert:{spec.name}", marker)
+        if self._start_training(f"expert:{spec.name}", out, key, EXPERT_OUTPUTS):
             return json.loads((out / "metrics.json").read_text())
-        started = time.time()
-        if rank_zero_only.rank == 0 and out.exists():
-            shutil.rmtree(out)
-        e = self.expert
-        L.seed_everything(self.seed, verbose=False)  # each expert's run depends on its settings only, not on skips
-        model = LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                           lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                           weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
-                           gradient_checkpointing=e.gradient_checkpointing, export_dir=str(out / "expert"))
+        started, e = time.time(), self.expert
+        model = self.expert_model(out / "expert")
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
                                  max_eval_examples=self.max_eval_examples, seed=self.seed,

@@ -10,8 +10,8 @@ from memmcl.callbacks import CurriculumSampler
 from memmcl.curriculum.demonstrations import select_demonstrations
 from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, task_features
 from memmcl.curriculum.pacing import active_count
+from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.expert import LoRAExpert
-from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.readers import read_task
 from memmcl.tasks.spec import load_task_spec
 
@@ -109,7 +109,7 @@ import json, sys
 import lightning as L
 from memmcl.callbacks import CurriculumSampler
 from memmcl.experts.expert import LoRAExpert
-from memmcl.tasks.datamodule import MultiTaskDataModule
+from memmcl.datamodule import MultiTaskDataModule
 
 class Seen(L.Callback):
     def __init__(self):

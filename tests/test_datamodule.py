@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memmcl.tasks.datamodule import IGNORE_INDEX, MultiTaskDataModule, TaskDataModule, TaskMixtureSampler
+from memmcl.datamodule import IGNORE_INDEX, MultiTaskDataModule, TaskDataModule, TaskMixtureSampler
 from memmcl.tasks.prompts import Demonstration, build_prompt
 from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, embedded_task_names, load_task_spec

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memmcl.datamodule import TaskDataModule
 from memmcl.experts.expert import ExpertError, LoRAExpert, load_expert
 from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length
-from memmcl.tasks.datamodule import TaskDataModule
 from memmcl.tasks.spec import load_task_spec
 
 ROOT = Path(__file__).resolve().parents[1]

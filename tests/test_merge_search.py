@@ -48,6 +48,18 @@ def search(experts, out_dir, **kw):
     return MergeSearch(experts=experts, out_dir=str(out_dir), **{**args, **kw})
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at(stage: str, generation: int):
+    """A `_after_generation` hook that stops the search after `generation` of `stage`, as a killed run would."""
+    def kill(self, s, g):
+        if (s, g) == (stage, generation):
+            raise Killed
+    return kill
+
+
 def test_weak_data_is_training_mispredictions_only(experts, tmp_path):
     module = search(experts, tmp_path, max_weak_examples=None, min_weak_examples=0)
     specs = module.mine_weak_data(trainer())
@@ -117,14 +129,7 @@ def test_search_is_deterministic_and_resumes_to_the_same_result(experts, tmp_pat
     assert sc["fitness"] >= sc["uniform_fitness"]  # the uniform merge is evaluated, so the best never falls below it
     assert whole["coefficients"]["irony"] != [0.0]
 
-    class Killed(Exception):
-        pass
-
-    def kill(self, stage, generation):
-        if stage == "MAST" and generation == 2:
-            raise Killed
-
-    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    monkeypatch.setattr(MergeSearch, "_after_generation", kill_at("MAST", 2))
     with pytest.raises(Killed):
         search(experts, tmp_path / "killed").run(trainer())
     state = tmp_path / "killed" / "stages" / "MAST" / "state.json"
@@ -196,14 +201,7 @@ def test_nsga2_search_returns_its_front_and_resumes(experts, tmp_path, monkeypat
     assert front and evolution.pareto_front(front) == front  # no member dominates another
     assert evolution.knee(front)[0] == glob["genome"]  # the stage's merge is the front's knee
 
-    class Killed(Exception):
-        pass
-
-    def kill(self, stage, generation):
-        if stage == "global" and generation == 2:
-            raise Killed
-
-    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    monkeypatch.setattr(MergeSearch, "_after_generation", kill_at("global", 2))
     with pytest.raises(Killed):
         search(experts, tmp_path / "killed", algorithm="nsga2", generations=3).run(trainer())
     monkeypatch.undo()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.expert import (
     EXPERT_FILE,
@@ -40,7 +41,6 @@ from memmcl.merging.multilora import (
 from memmcl.merging.stage import quiet_progress_bar, run_stage, tune_task_arithmetic
 from memmcl.merging.weak import mine_weak_data
 from memmcl.rundir import atomic_save_dir
-from memmcl.tasks.datamodule import MultiTaskDataModule
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
