@@ -90,11 +90,10 @@ def test_bad_setting_is_rejected_before_anything_runs(tmp_path, overrides, messa
 
 
 def test_cli_error_is_one_line_naming_the_field_and_writes_nothing(tmp_path):
-    start = time.time()
     proc = subprocess.run([sys.executable, "-m", "memmcl", "pipeline", "--config", "configs/demo/pipeline.yaml",
                            "--root", str(tmp_path), "--merge.population", "1"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "MEMMCL_VERBOSE": "0"})
-    assert proc.returncode == 2 and time.time() - start < 10
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "memmcl: error: merge.population: expected an integer >= 2, got 1"
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "demo").exists()
