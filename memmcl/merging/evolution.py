@@ -142,9 +142,14 @@ def tell(state: dict, algorithm: Algorithm, individuals: list, baseline: tuple[l
         candidates.insert(0, state["best"])
     elif baseline[1] > max(fits):
         candidates.insert(0, (list(baseline[0]), float(baseline[1])))
-    state["best"] = max(candidates, key=lambda c: c[1])  # the first of equals: an earlier best is kept
+    _next_generation(state, max(candidates, key=lambda c: c[1]), fits)  # the first of equals: an earlier best is kept
+
+
+def _next_generation(state: dict, best: tuple[list[float], float], fits: list[float]) -> None:
+    """Closes a generation: its best so far, the generation count and a history row over its (mean) fitness."""
+    state["best"] = best
     state["generation"] += 1
-    state["history"].append({"generation": state["generation"], "best": state["best"][1], "mean": float(np.mean(fits)),
+    state["history"].append({"generation": state["generation"], "best": best[1], "mean": float(np.mean(fits)),
                              "max": max(fits), "evaluated": len(state["cache"])})
 
 
@@ -158,11 +163,7 @@ def _tell_nsga2(state: dict, individuals: list) -> None:
     state["population"] = [([float(v) for v in ind], [float(x) for x in ind.fitness.values])
                            for ind in tools.selNSGA2(pool, len(individuals))]
     genome, objs = knee(pareto_front(state["population"]))
-    state["best"] = (genome, float(np.mean(objs)))
-    state["generation"] += 1
-    means = [float(np.mean(o)) for _, o in scored]
-    state["history"].append({"generation": state["generation"], "best": state["best"][1], "mean": float(np.mean(means)),
-                             "max": max(means), "evaluated": len(state["cache"])})
+    _next_generation(state, (genome, float(np.mean(objs))), [float(np.mean(o)) for _, o in scored])
 
 
 STATE_KEYS = {"generation", "cache", "best", "history", "population", "np_rng", "py_rng", "strategy"}
