@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from memmcl.datamodule import TaskDataModule
 from memmcl.experts.expert import ExpertError, LoRAExpert, load_expert
-from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length
+from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length, shares_prefix
 from memmcl.tasks.spec import load_task_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,16 @@ def test_scores_match_brute_force_at_any_batch_size(expert, data, multi_token):
     assert torch.equal(one.argmax(-1), sixteen.argmax(-1))
     torch.testing.assert_close(one, sixteen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sixteen, brute_force_scores(expert.model, prompts, answers), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_scores_without_a_shared_prefix_match_brute_force(expert, data):
+    """Prompts with no common prefix still run packed (no padding): each attends only to itself."""
+    items = data.items["validation"][:12]
+    prompts = [it["prompt"][i % 3 :] for i, it in enumerate(items)]  # three different first tokens
+    answers = [[a + a[:1] * (l % 2) for l, a in enumerate(it["answers"])] for it in items]
+    assert shared_prefix_length(prompts) == 0 and shares_prefix(expert.model)
+    packed = score_labels(expert.model, prompts, answers, data.tokenizer.pad_token_id)
+    torch.testing.assert_close(packed, brute_force_scores(expert.model, prompts, answers), atol=1e-4, rtol=1e-4)
 
 
 def test_shared_prefix_loss_and_gradients_equal_whole_sequences(expert, data):

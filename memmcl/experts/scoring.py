@@ -4,17 +4,18 @@ This one module serves validation, test, predict, weak-data mining, merge fitnes
 are left-padded so every answer ends at the last position; the LM head runs only over the last `max answer length + 1`
 positions (`logits_to_keep`), never over the full sequence × vocabulary.
 
-Shared prefix: the prompts of one batch usually begin with the same tokens (chat template, system prompt,
-instruction, a fixed demonstration set). That prefix is encoded once (batch 1) and only each sequence's own suffix
-runs through the model, with positions continuing the prefix. The suffix attends to the prefix's keys/values through
-`shared_prefix_attention`, an attention function registered with transformers' `AttentionInterface`: one GEMM per
-key/value head over every query of the batch against the single prefix copy, and one joint softmax over prefix and
-suffix keys. The prefix cache is never repeated over the batch, nor its heads over the query groups. The result equals
-encoding every sequence whole (up to float rounding). Label scoring also keeps the last prefix cache per model for
-the next batches (a task's batches share it), keyed on the model's state: the address and version counter of every
-parameter and buffer, which any in-place update (an optimizer step, a new genome, a folded merge) or move changes, so
-a stale cache is never used. Models whose attention does not dispatch through transformers' attention interface, or
-that use sliding-window layers, are scored on whole sequences.
+Shared prefix and packing: the prompts of one batch usually begin with the same tokens (chat template, system
+prompt, instruction, a fixed demonstration set). That prefix is encoded once (batch 1); everything after it (each
+prompt's own suffix, and the rows that continue a prompt with a multi-token answer) runs in one forward packed into a
+single batch row, without padding, positions continuing the prefix. `packed_prefix_attention`, an attention function
+registered with transformers' `AttentionInterface`, gathers each sequence's tokens into an attention row, attends
+causally over them and over the prefix's keys/values: one GEMM per key/value head over every query against the single
+prefix copy, one joint softmax. Neither the prefix nor its heads are ever repeated, and the linear layers see only real
+tokens. The result equals encoding every sequence whole (up to float rounding). Label scoring also keeps the last
+prefix cache per model for the next batches (a task's batches share it), keyed on the model's state: the address and
+version counter of every parameter and buffer, which any in-place update (an optimizer step, a new genome, a folded
+merge) or move changes, so a stale cache is never used. Models whose attention does not dispatch through
+transformers' attention interface, or that use sliding-window layers, run whole left-padded sequences instead.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import contextlib
 import functools
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # A shared prefix shorter than this is not worth a second forward.
 MIN_SHARED_PREFIX = 8
@@ -45,57 +46,132 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
     return input_ids.to(device), mask.to(device)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (input_ids, attention_mask) of sequences padded on the right to the longest one."""
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Returns per-sequence positions for a left-padded batch, so padding never shifts a sequence's positions."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-PREFIX_ATTENTION = "memmcl_shared_prefix"
+PREFIX_ATTENTION = "memmcl_packed_prefix"
 
 
-def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+@dataclass
+class Packing:
+    """Where the attention rows of a packed forward (every sequence's tokens one after another in one batch row,
+    no padding) find their tokens. Per group of rows: `queries` [R, Lq] and `keys` [R, Lk] hold packed token indices
+    (-1: none), `query_at` [R, Lq] each query's place in its key row (it sees the row's keys up to there); `order`
+    takes the groups' queries, concatenated, back to packed order."""
+
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    order: torch.Tensor
+
+
+def packed_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            packing: Packing | None = None,
                             shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
-    """Attention of a batch of suffixes over one shared prefix plus their own keys, in transformers' attention-function
-    form: query [B, H, S, D], key/value [B, H_kv, K, D] (the suffix's own, after the cache update), attention_mask
-    None (causal) or [B, 1, S, K] (True/0 where visible); returns ([B, S, H, D], None).
+    """Attention of packed sequences after an optional shared prefix, in transformers' attention-function form:
+    query [1, H, N, D], key/value [1, H_kv, N, D] of N packed tokens; returns ([1, N, H, D], None).
 
-    `shared_prefix[layer] = (keys, values)` [1, H_kv, P, D] of the prefix, visible to every query. Without it, this is
+    Each row of `packing` attends causally over its own keys and over every key of the shared prefix
+    (`shared_prefix[layer] = (keys, values)` [1, H_kv, P, D], encoded once). Without `packing`, this is
     transformers' SDPA attention.
     """
-    if shared_prefix is None:
+    if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    prefix_keys, prefix_values = shared_prefix[module.layer_idx]
-    B, H, S, D = query.shape
-    H_kv, K, P = key.shape[1], key.shape[2], prefix_keys.shape[2]
+    prefix = None if shared_prefix is None else shared_prefix[module.layer_idx]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    outputs = []
+    for queries, keys, query_at in packing.groups:
+        rows = lambda states, index: states[0][:, index.clamp(min=0)].transpose(0, 1)  # noqa: E731 [R, heads, L, D]
+        visible = (keys[:, None, :] >= 0) & (torch.arange(keys.shape[1], device=keys.device) <= query_at[..., None])
+        out = _attend(rows(query, queries), rows(key, keys), rows(value, keys), visible, prefix, scale,
+                      dropout if module.training else 0.0)
+        outputs.append(out.transpose(1, 2)[queries >= 0])  # [queries of the group, H, D]
+    return torch.cat(outputs)[packing.order][None], None
+
+
+def _attend(q, k, v, visible, prefix, scale: float, dropout: float) -> torch.Tensor:
+    """Returns softmax attention [R, H, Lq, D] of q [R, H, Lq, D] over each row's own k/v [R, H_kv, Lk, D] where
+    `visible` [R, Lq, Lk], and over the shared prefix's (keys, values) [1, H_kv, P, D] (None: no prefix) everywhere.
+    The prefix is read as one copy: one GEMM per key/value head over every query of every row."""
+    R, H, Lq, D = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
     g = H // H_kv  # query heads per key/value head: head h reads key/value head h // g
-    scale = D**-0.5 if scaling is None else scaling
-    q = query.reshape(B, H_kv, g, S, D)
-    # every query of the batch against the one prefix copy: one [B·g·S, D] x [D, P] GEMM per key/value head
-    q_by_head = q.permute(1, 0, 2, 3, 4).reshape(H_kv, B * g * S, D)
-    to_prefix = torch.bmm(q_by_head, prefix_keys[0].transpose(1, 2)).view(H_kv, B, g, S, P).float() * scale
-    to_own = torch.matmul(q.reshape(B, H_kv, g * S, D), key.transpose(2, 3)).view(B, H_kv, g, S, K).float() * scale
-    if attention_mask is None:
-        visible = torch.ones((S, K), dtype=torch.bool, device=query.device).tril(K - S)
-    else:
-        mask = attention_mask[..., :K]
-        visible = mask if mask.dtype == torch.bool else mask == 0
-    to_own = to_own.masked_fill(~visible.reshape(-1, 1, 1, S, K), float("-inf"))
-    top = torch.maximum(to_own.amax(-1), to_prefix.amax(-1).permute(1, 0, 2, 3))  # [B, H_kv, g, S]
-    p_own = (to_own - top[..., None]).exp()
-    p_prefix = (to_prefix - top.permute(1, 0, 2, 3)[..., None]).exp()
-    norm = (p_own.sum(-1) + p_prefix.sum(-1).permute(1, 0, 2, 3))[..., None]
-    p_own = F.dropout(p_own / norm, p=dropout, training=module.training).to(value.dtype)
-    p_prefix = F.dropout(p_prefix / norm.permute(1, 0, 2, 3, 4), p=dropout, training=module.training)
-    out = torch.matmul(p_own.view(B, H_kv, g * S, K), value).view(B, H_kv, g, S, D)
-    from_prefix = torch.bmm(p_prefix.to(value.dtype).view(H_kv, B * g * S, P), prefix_values[0])
-    out = out + from_prefix.view(H_kv, B, g, S, D).permute(1, 0, 2, 3, 4)
-    return out.reshape(B, H, S, D).transpose(1, 2).contiguous(), None
+    q = q.reshape(R, H_kv, g * Lq, D)
+    own = (torch.matmul(q, k.transpose(2, 3)).float() * scale).view(R, H_kv, g, Lq, Lk)
+    own = own.masked_fill(~visible[:, None, None], float("-inf"))
+    if prefix is None:
+        weights = F.dropout(own.softmax(-1), p=dropout).to(v.dtype)
+        return torch.matmul(weights.view(R, H_kv, g * Lq, Lk), v).view(R, H, Lq, D)
+    prefix_keys, prefix_values = prefix
+    P = prefix_keys.shape[2]
+    q_by_head = q.transpose(0, 1).reshape(H_kv, R * g * Lq, D)
+    to_prefix = (torch.bmm(q_by_head, prefix_keys[0].transpose(1, 2)).float() * scale).view(H_kv, R, g, Lq, P)
+    top = torch.maximum(own.amax(-1), to_prefix.amax(-1).transpose(0, 1))  # [R, H_kv, g, Lq]
+    p_own = (own - top[..., None]).exp()
+    p_prefix = (to_prefix - top.transpose(0, 1)[..., None]).exp()
+    norm = (p_own.sum(-1) + p_prefix.sum(-1).transpose(0, 1))[..., None]
+    p_own = F.dropout(p_own / norm, p=dropout).to(v.dtype)
+    p_prefix = F.dropout(p_prefix / norm.transpose(0, 1), p=dropout).to(v.dtype)
+    out = torch.matmul(p_own.view(R, H_kv, g * Lq, Lk), v).view(R, H_kv, g, Lq, D)
+    from_prefix = torch.bmm(p_prefix.view(H_kv, R * g * Lq, P), prefix_values[0]).view(H_kv, R, g, Lq, D)
+    return (out + from_prefix.transpose(0, 1)).reshape(R, H, Lq, D)
 
 
-AttentionInterface.register(PREFIX_ATTENTION, shared_prefix_attention)
-AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+AttentionInterface.register(PREFIX_ATTENTION, packed_prefix_attention)
+
+
+def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[int, list[int]]] = (),
+         device="cpu") -> tuple[dict, Packing]:
+    """Returns (model inputs, packing) of sequences packed into one batch row without padding.
+
+    `suffixes` are the sequences' tokens after a shared prefix of `start` tokens (positions continue it);
+    `continuations` are (sequence, tokens) rows that continue a sequence's last token (one label's answer), packed
+    after the suffixes: each sees its sequence and itself, never another continuation.
+    """
+    lengths = [len(s) for s in suffixes]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    ids = [t for s in suffixes for t in s]
+    positions = [start + j for n in lengths for j in range(n)]
+    width = max(lengths)
+    seq_index = torch.full((len(suffixes), width), -1, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        seq_index[i, :n] = torch.arange(offsets[i], offsets[i] + n)
+    groups = [(seq_index, seq_index, torch.arange(width).expand(len(suffixes), width))]
+    owner = [seq_index[seq_index >= 0]]
+    if continuations:
+        cont_width = max(len(c) for _, c in continuations)
+        queries = torch.full((len(continuations), cont_width), -1, dtype=torch.long)
+        keys = torch.full((len(continuations), width + cont_width), -1, dtype=torch.long)
+        query_at = torch.full((len(continuations), cont_width), width + cont_width - 1, dtype=torch.long)
+        for r, (i, tokens) in enumerate(continuations):
+            first = len(ids)
+            ids += tokens
+            positions += [start + lengths[i] + j for j in range(len(tokens))]
+            keys[r, : lengths[i]] = seq_index[i, : lengths[i]]
+            keys[r, lengths[i] : lengths[i] + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
+            query_at[r, : len(tokens)] = torch.arange(lengths[i], lengths[i] + len(tokens))
+        groups.append((queries, keys, query_at))
+        owner.append(queries[queries >= 0])
+    order = torch.empty(len(ids), dtype=torch.long)
+    order[torch.cat(owner)] = torch.arange(len(ids))
+    inputs = {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([positions], device=device)}
+    packing = Packing([tuple(t.to(device) for t in group) for group in groups], order.to(device))
+    return inputs, packing
 
 
 def language_model(model):
@@ -122,7 +198,7 @@ def shares_prefix(model) -> bool:
 
 @contextlib.contextmanager
 def prefix_attention(model):
-    """Routes the model's attention through `shared_prefix_attention` for the duration."""
+    """Routes the model's attention through `packed_prefix_attention` for the duration."""
     config = language_model(model).config
     before = config._attn_implementation
     config._attn_implementation = PREFIX_ATTENTION
@@ -222,30 +298,40 @@ def _prefix_cache(model, seqs: list[list[int]], keep: int, device, reuse: bool) 
     return length, keys_values
 
 
-def _forward(model, prefix: Prefix | None, **inputs):
-    """Runs the model on `inputs`; after a shared prefix, through `shared_prefix_attention`."""
-    if prefix is None:
-        return model(**inputs)
-    with prefix_attention(model):
-        return model(**inputs, shared_prefix=prefix[1])
+def _run(model, seqs: list[list[int]], pad_id: int, device, keep: int,
+         continuations: list[tuple[int, list[int]]] = (), share_prefix: bool = True, reuse_prefix: bool = False):
+    """Runs the sequences, and `continuations` ((sequence, tokens) rows that continue a sequence), through the model.
 
-
-def _causal_lm(model, seqs: list[list[int]], pad_id: int, device, logits_to_keep: int, use_cache: bool,
-               share_prefix: bool = True, reuse_prefix: bool = False):
-    """Runs the sequences through the model, their shared prefix (if any) once.
-
-    Returns (output, attention mask of the tokens the output covers, the shared prefix or None). Without a shared
-    prefix the output covers the whole left-padded sequences; with one, only their left-padded suffixes (positions
-    continue the prefix). Rows end at the last column, so `logits_to_keep` positions are every sequence's last ones;
-    a later forward with `_forward(model, prefix, ...)` and the output's cache continues from it.
+    Returns (logits [B, keep, V] at every sequence's last `keep` positions, logits [Σ continuation tokens, V] at every
+    continuation token in order, or None without continuations). With `share_prefix` (and a model whose attention can
+    be routed) the sequences' common prefix is encoded once and everything else runs packed into one batch row, no
+    padding, through `packed_prefix_attention`; otherwise the whole sequences run left-padded, continuations from
+    their key/value cache.
     """
-    share = share_prefix and shares_prefix(model)
-    prefix = _prefix_cache(model, seqs, logits_to_keep, device, reuse_prefix) if share else None
-    start = 0 if prefix is None else prefix[0]
-    ids, mask = left_pad([s[start:] for s in seqs], pad_id, device)
-    out = _forward(model, prefix, input_ids=ids, attention_mask=mask, position_ids=start + position_ids(mask),
-                   logits_to_keep=logits_to_keep, use_cache=use_cache)
-    return out, mask, prefix
+    if share_prefix and shares_prefix(model):
+        prefix = _prefix_cache(model, seqs, keep, device, reuse_prefix)
+        start = 0 if prefix is None else prefix[0]
+        inputs, packing = pack([s[start:] for s in seqs], start, continuations, device)
+        ends = torch.tensor([len(s) - start for s in seqs]).cumsum(0)
+        last = (ends[:, None] - keep + torch.arange(keep)[None]).flatten()
+        index = torch.cat([last, torch.arange(int(ends[-1]), inputs["input_ids"].shape[1])]).to(device)
+        with prefix_attention(model):
+            logits = model(**inputs, logits_to_keep=index, use_cache=False, packing=packing,
+                           shared_prefix=None if prefix is None else prefix[1]).logits[0]
+        return logits[: last.numel()].view(len(seqs), keep, -1), logits[last.numel() :] if continuations else None
+    ids, mask = left_pad(seqs, pad_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep,
+                use_cache=bool(continuations))
+    if not continuations:
+        return out.logits, None
+    rows = torch.tensor([i for i, _ in continuations], device=device)
+    cont, cont_mask = right_pad([c for _, c in continuations], pad_id, device)
+    cache = output_cache(out)
+    cache.batch_select_indices(rows)
+    positions = mask.sum(-1)[rows][:, None] + torch.arange(cont.shape[1], device=device)[None]
+    logits = model(input_ids=cont, attention_mask=torch.cat([mask[rows], cont_mask], dim=1), position_ids=positions,
+                   use_cache=False, **with_cache(model, cache)).logits
+    return out.logits, logits[cont_mask.bool()]
 
 
 def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -259,8 +345,8 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     n_tail = int(answer_mask.sum(-1).max())
     seqs = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask, strict=True)]
     share = share_prefix and not is_checkpointing(model)
-    out, _, _ = _causal_lm(model, seqs, 0, input_ids.device, n_tail + 1, use_cache=False, share_prefix=share)
-    logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    logits, _ = _run(model, seqs, 0, input_ids.device, n_tail + 1, share_prefix=share)
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     targets = labels[:, -n_tail:]
     return F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -270,12 +356,12 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
                  share_prefix: bool = True) -> torch.Tensor:
     """Returns [N, max labels] summed log-probabilities of each example's label answers (-inf where a task has fewer labels).
 
-    `answers[i][l]` holds the token ids of label l's answer for example i. One forward over the prompts (their shared
-    prefix once, LM head at the last position only) scores every label's first token; when some answer has more
-    tokens, that forward keeps its key/value cache, which is selected once per distinct continuation (labels that
-    share all but their last token share a row), and one short forward over the continuations scores the rest. So
-    each prompt is encoded once however many labels there are. Results do not depend on batch size, padding or prefix
-    sharing.
+    `answers[i][l]` holds the token ids of label l's answer for example i. The prompt's last position scores every
+    label's first token; a longer answer continues the prompt with its tokens but the last, one row per distinct
+    continuation (labels that share all but their last token share a row), packed into the same forward as the
+    prompts (or, on whole sequences, a second forward from the prompts' key/value cache). The LM head runs only at
+    those positions. So each prompt is encoded once however many labels there are. Results do not depend on batch
+    size, padding, packing or prefix sharing.
     """
     device = next(model.parameters()).device
     n_labels = max(len(a) for a in answers)
@@ -288,16 +374,17 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
 
 
 def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool) -> torch.Tensor:
-    # Multi-token answers continue from the prompt cache with all of their tokens but the last; labels whose
-    # continuation is the same ("very negative" / "very positive": "very") share one row.
+    # Multi-token answers continue the prompt with all of their tokens but the last; labels whose continuation is
+    # the same ("very negative" / "very positive": "very") share one row.
     rows: dict[tuple[int, tuple[int, ...]], int] = {}
     for i, example in enumerate(answers):
         for a in example:
             if len(a) > 1:
                 rows.setdefault((i, tuple(a[:-1])), len(rows))
-    out, mask, prefix = _causal_lm(model, prompts, pad_id, device, logits_to_keep=1, use_cache=bool(rows),
-                                   share_prefix=share_prefix, reuse_prefix=share_prefix)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+    continuations = [(i, list(c)) for i, c in rows]
+    last, later_logits = _run(model, prompts, pad_id, device, keep=1, continuations=continuations,
+                              share_prefix=share_prefix, reuse_prefix=share_prefix)
+    first = F.log_softmax(last[:, -1].float(), dim=-1)  # [B, V]
     B = len(prompts)
     first_tokens = torch.zeros((B, n_labels), dtype=torch.long)
     present = torch.zeros((B, n_labels), dtype=torch.bool)
@@ -306,32 +393,18 @@ def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, sh
         present[i, : len(example)] = True
     result = first.gather(-1, first_tokens.to(device))  # [B, L], on the model's device: only this leaves it
     if rows:
-        example_of_row = torch.tensor([i for i, _ in rows], device=device)
-        continuations = [list(c) for _, c in rows]
-        width = max(map(len, continuations))
-        cont = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, c in enumerate(continuations):
-            cont[r, : len(c)] = torch.tensor(c)
-            cont_mask[r, : len(c)] = 1
-        cache = output_cache(out)
-        cache.batch_select_indices(example_of_row)
-        full_mask = torch.cat([mask[example_of_row], cont_mask.to(device)], dim=1)
-        start = 0 if prefix is None else prefix[0]
-        positions = start + mask.sum(-1)[example_of_row][:, None] + torch.arange(width, device=device)[None]
-        logits = _forward(model, prefix, input_ids=cont.to(device), attention_mask=full_mask, position_ids=positions,
-                          use_cache=False, **with_cache(model, cache)).logits
-        logp = F.log_softmax(logits.float(), dim=-1)  # [rows, width, V]
-        # every later answer token: (row, position, token) -> the flat (example, label) whose score it adds to
-        row_of, position_of, token_of, owner = [], [], [], []
+        logp = F.log_softmax(later_logits.float(), dim=-1)  # [continuation tokens, V]
+        start = [0]
+        for _, c in continuations:
+            start.append(start[-1] + len(c))
+        # every later answer token: (flat continuation position, token) -> the flat (example, label) it adds to
+        position_of, token_of, owner = [], [], []
         for i, example in enumerate(answers):
             for l, a in enumerate(example):
                 for j, token in enumerate(a[1:]):
-                    row_of.append(rows[(i, tuple(a[:-1]))])
-                    position_of.append(j)
+                    position_of.append(start[rows[(i, tuple(a[:-1]))]] + j)
                     token_of.append(token)
                     owner.append(i * n_labels + l)
-        later = logp[torch.tensor(row_of, device=device), torch.tensor(position_of, device=device),
-                     torch.tensor(token_of, device=device)]
+        later = logp[torch.tensor(position_of, device=device), torch.tensor(token_of, device=device)]
         result = result.flatten().index_add(0, torch.tensor(owner, device=device), later).view(B, n_labels)
     return torch.where(present, result.cpu(), torch.full((B, n_labels), float("-inf")))
