@@ -1,6 +1,6 @@
 """Label scoring on SmolLM2-135M-Instruct (49k vocabulary), side by side in one run, examples/s of:
 - `naive`: one example at a time, prompt + answer per label, full logits over every position;
-- `filed`: the scorer as it was when the shared-prefix issue was filed (`filed_scorer.py`: whole padded prompts, the
+- `filed`: the scorer as it was when the shared-prefix issue was filed (`_filed_scorer.py`: whole padded prompts, the
   KV cache repeated once per label for multi-token answers), "today's scorer" of that issue;
 - `batched`: `score_labels(share_prefix=False)`, the scorer before prefix sharing (batched prompts, LM head at the
   answer positions only, prompt encoded once and continued per label from its KV cache);
@@ -28,7 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from filed_scorer import filed_score_labels
+from _filed_scorer import filed_score_labels
 
 from memmcl.datamodule import MultiTaskDataModule, collate
 from memmcl.experts.backbone import load_backbone
