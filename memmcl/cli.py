@@ -6,7 +6,9 @@ Models and DataModules are given as `class_path` / `init_args` in YAML. A new su
 
 from __future__ import annotations
 
+import inspect
 import os
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -83,6 +85,15 @@ def build_pipeline(args: list[str]):
     return parser, cfg, Pipeline(**{k: v for k, v in init.items() if k != "config"})
 
 
+def save_config(parser, cfg, path: Path) -> None:
+    """Writes the resolved configuration with every field, null ones too (`stop_at_accuracy: null` left out would
+    come back as its default), so a run started from a run directory's config.yaml is the same run."""
+    accepts = inspect.signature(parser.save).parameters
+    keep_nulls = {"skip_unset": False} if "skip_unset" in accepts else {"skip_none": False}
+    unchecked = {"skip_validation": True} if "skip_validation" in accepts else {"skip_check": True}
+    parser.save(cfg, str(path), overwrite=True, **keep_nulls, **unchecked)
+
+
 def pipeline_main(args: list[str]) -> None:
     """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 10 ...]`: the whole method."""
     parser, cfg, pipeline = build_pipeline(args)
@@ -90,7 +101,7 @@ def pipeline_main(args: list[str]) -> None:
 
     def write_config() -> None:  # only once the settings passed and the run directory is ours
         if rank_zero_only.rank == 0:
-            parser.save(cfg, str(pipeline.run_dir / "config.yaml"), overwrite=True, skip_check=True)
+            save_config(parser, cfg, pipeline.run_dir / "config.yaml")
 
     results = pipeline.run(on_locked=write_config)
     if rank_zero_only.rank == 0:

@@ -127,6 +127,21 @@ def test_pipeline_configs_build(config, tiny_dir, monkeypatch):
     assert len(built.specs) == len(cfg.tasks or built.specs)
 
 
+def test_saved_run_config_starts_the_same_run(tiny_dir, monkeypatch, tmp_path):
+    """A run directory's config.yaml keeps null settings (`stop_at_accuracy: null` is not the default 0.97), so a
+    pipeline started from it has the same settings and expert keys."""
+    from memmcl.cli import build_pipeline, save_config
+
+    monkeypatch.chdir(ROOT)
+    parser, cfg, first = build_pipeline(["--config", "configs/smollm2/pipeline_synthetic.yaml", "--backbone",
+                                         str(tiny_dir)])
+    assert first.expert.stop_at_accuracy is None
+    save_config(parser, cfg, tmp_path / "config.yaml")
+    _, _, again = build_pipeline(["--config", str(tmp_path / "config.yaml")])
+    assert again.expert == first.expert and again.merge == first.merge and again.demos == first.demos
+    assert [again.expert_key(s) for s in again.specs] == [first.expert_key(s) for s in first.specs]
+
+
 @pytest.mark.parametrize("config", ["expert.yaml", "multitask.yaml"])
 def test_fit_configs_build_model_data_and_callbacks(config, monkeypatch, tmp_path):
     from memmcl.cli import MemmclCLI
