@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, select_demonstrations
+from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect, select_demonstrations
 from memmcl.curriculum.difficulty import read_difficulty_order
 from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
@@ -156,6 +156,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_fixed: one demonstration set per task for every query (the few-shot protocol; prompts share their
             prefix, so scoring is faster) instead of a set drawn per query.
         demo_scope: draw demonstrations from the query's task (`task`) or from every task of its group (`group`).
+        demo_select: `balanced` (a seeded draw, labels in turn) or `similar` (the training examples whose words
+            overlap the query's most, nearest neighbours); training demonstrations are selected the same way.
         demo_losses: a folder of `<task>.example_loss.json` files ({example id: expert loss}, written by weak-data
             mining) that rank examples by difficulty; without it, shorter inputs count as easier.
         difficulty_file: a `difficulty.json` whose `order` ranks tasks easy → hard (for `demo_scope: group`).
@@ -186,8 +188,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_max_length: int | None = None,
         demo_seed: int | None = None,
         encode_splits: list[str] | None = None,
+        demo_select: DemoSelect = "balanced",
     ):
         super().__init__()
+        if demo_select == "similar" and demo_fixed:
+            raise TaskError("data.demo_select=similar picks demonstrations per query; expected data.demo_fixed=false")
+        self.demo_select = demo_select
         if train_demonstrations < 0 or not 0 <= train_demo_share <= 1:
             raise TaskError(f"data.train_demonstrations={train_demonstrations}, data.train_demo_share={train_demo_share}: "
                             "expected a count >= 0 and a share in [0, 1]")
@@ -251,7 +257,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
         def demos_for(task: str, example: Example) -> list:
             return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
-                                         self.demo_scope, task_order, losses, self.demo_seed, self.demo_fixed)
+                                         self.demo_scope, task_order, losses, self.demo_seed, self.demo_fixed,
+                                         self.demo_select)
 
         return demos_for
 
@@ -273,7 +280,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         def demos_for(task: str, example: Example) -> list:
             k = counts[task].get(example.id, 0)
             return select_demonstrations(example, task, specs, train, k, order, self.demo_scope, task_order, losses,
-                                         self.demo_seed) if k else []
+                                         self.demo_seed, select=self.demo_select) if k else []
 
         return demos_for
 

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.rundir import config_hash, write_json
+from memmcl.settings import demo_settings
 
 if TYPE_CHECKING:
     from memmcl.pipeline import Pipeline
@@ -52,7 +53,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
     """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
     with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
     out = p.run_dir / "eval"
-    key = config_hash([merge_key, asdict(p.demos), difficulty["order"], p.max_eval_examples, multitask])
+    key = config_hash([merge_key, demo_settings(p.demos), difficulty["order"], p.max_eval_examples, multitask])
     if marker := p._done(out, key, ("results.json",)):
         p._skip("eval", marker)
         return json.loads((out / "results.json").read_text())
@@ -86,7 +87,8 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
             runs = []
             for i in range(p.demos.seeds):
                 data = dm(p.specs, max_length=p.demos.max_length, demonstrations=p.demos.k, demo_order=order,
-                          demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_losses=str(p.run_dir / "weak"),
+                          demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_select=p.demos.select,
+                          demo_losses=str(p.run_dir / "weak"),
                           difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i,
                           encode_splits=["test"])
                 runs.append(dict(search.evaluate(trainer, models["evolved_global"], data, split="test")))

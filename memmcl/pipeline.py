@@ -215,6 +215,8 @@ class Pipeline:
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
         if not settings["demonstrations"]:
             del settings["demonstrations"], settings["demo_share"]
+        elif self.demos.select != "balanced":  # training demonstrations are selected as evaluation's are
+            settings["demo_select"] = self.demos.select
         if not settings["weight_decay"]:
             del settings["weight_decay"]
         return settings
@@ -237,7 +239,8 @@ class Pipeline:
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
                                  max_eval_examples=self.max_eval_examples, seed=self.seed,
                                  train_demonstrations=e.demonstrations, train_demo_share=e.demo_share,
-                                 demo_max_length=self.demos.max_length, demo_scope=self.demos.scope)
+                                 demo_max_length=self.demos.max_length, demo_scope=self.demos.scope,
+                                 demo_select=self.demos.select)
         callbacks = []
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,

@@ -7,7 +7,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Literal
 
-from memmcl.curriculum.demonstrations import DemoOrder, DemoScope
+from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import Pacing
 from memmcl.experts.expert import LoRAExpert
@@ -108,14 +108,26 @@ class DemoConfig:
     """Curriculum in-context demonstrations for the final merge's evaluation (k = 0: none); `fixed`: one set per task
     for every query (the few-shot protocol, faster to score) instead of a set per query. The ablation scores each of
     `orders` (besides zero-shot) with `seeds` demonstration draws (seeds seed, seed + 1, ...) and reports the mean
-    and spread over them."""
+    and spread over them. `select`: `balanced` (a seeded draw, labels in turn) or `similar` (each query's nearest
+    training examples by word overlap); demonstration-aware experts (`expert.demonstrations`) are trained on
+    demonstrations selected the same way."""
 
     k: int = 4
     scope: DemoScope = "task"
     max_length: int = 384
     fixed: bool = False
+    select: DemoSelect = "balanced"
     orders: list[DemoOrder] = dataclasses.field(default_factory=lambda: ["curriculum", "random", "reverse"])
     seeds: int = 3
+
+
+def demo_settings(d: DemoConfig) -> dict:
+    """The demonstration settings that decide what is evaluated; `select` at its default is left out, so run
+    directories of earlier versions keep their keys."""
+    settings = dataclasses.asdict(d)
+    if settings["select"] == "balanced":
+        del settings["select"]
+    return settings
 
 
 def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_examples: int | None, e: ExpertConfig,
@@ -162,6 +174,8 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(d.seeds >= 1, "demonstrations.seeds", d.seeds, "an integer >= 1")
     _require("none" not in d.orders and len(set(d.orders)) == len(d.orders), "demonstrations.orders", d.orders,
              "orders among curriculum, random, reverse, each once (zero-shot is always scored)")
+    _require(d.select != "similar" or not d.fixed, "demonstrations.fixed", d.fixed,
+             "false with demonstrations.select: similar (a set per query)")
     _require(e.demonstrations >= 0, "expert.demonstrations", e.demonstrations, "an integer >= 0")
     _require(0 <= e.demo_share <= 1, "expert.demo_share", e.demo_share, "a share in [0, 1]")
     _require(e.demonstrations == 0 or d.max_length >= max_length, "demonstrations.max_length", d.max_length,

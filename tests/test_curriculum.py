@@ -7,7 +7,7 @@ import pytest
 import torch
 from memmcl.callbacks import CurriculumSampler
 
-from memmcl.curriculum.demonstrations import select_demonstrations
+from memmcl.curriculum.demonstrations import select_demonstrations, similarity, words
 from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, task_features
 from memmcl.curriculum.pacing import active_count
 from memmcl.datamodule import MultiTaskDataModule
@@ -179,6 +179,32 @@ def test_fixed_demonstration_set_is_the_same_for_every_query():
     assert all(s == sets[0] for s in sets) and len(sets[0]) == 4
     per_query = [select_demonstrations(q, spec.name, specs, train, 4, "curriculum") for q in splits["test"][:20]]
     assert len({tuple(d.text for d in s) for s in per_query}) > 1
+
+
+def test_similar_demonstrations_are_the_nearest_training_examples_in_the_configured_order():
+    spec = load_task_spec("absa_restaurant")
+    splits, _ = read_task(spec)
+    specs, train = {spec.name: spec}, {spec.name: splits["train"]}
+    heldout = {e.text for s in ("validation", "test") for e in splits[s]}
+    losses = {e.id: float(i % 13) for i, e in enumerate(splits["train"])}
+    by_text = {e.text: e for e in splits["train"]}
+    for query in splits["test"][:10]:
+        demos = select_demonstrations(query, spec.name, specs, train, 5, "curriculum", losses={spec.name: losses},
+                                      select="similar")
+        chosen = [by_text[d.text] for d in demos]
+        assert len(demos) == 5 and all(e.text != query.text and e.text not in heldout for e in chosen)
+        # no training example outside the set is closer to the query than the farthest one inside it
+        inside = min(similarity(words(query), words(e)) for e in chosen)
+        assert all(similarity(words(query), words(e)) <= inside for e in splits["train"] if e not in chosen)
+        assert inside > 0
+        assert [losses[e.id] for e in chosen] == sorted(losses[e.id] for e in chosen)  # easy -> hard
+        reverse = select_demonstrations(query, spec.name, specs, train, 5, "reverse", losses={spec.name: losses},
+                                        select="similar")
+        assert reverse == demos[::-1]
+    with pytest.raises(ValueError, match="fixed"):
+        select_demonstrations(splits["test"][0], spec.name, specs, train, 4, fixed=True, select="similar")
+    with pytest.raises(ValueError, match="demo_fixed"):
+        MultiTaskDataModule(["absa_restaurant"], demonstrations=4, demo_fixed=True, demo_select="similar")
 
 
 def test_datamodule_puts_demonstrations_in_eval_prompts_only(tiny_dir):

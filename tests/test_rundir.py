@@ -80,6 +80,7 @@ def _alive(pid: int) -> bool:
     ({"merge": MergeConfig(task_weights={"sc_binray": 1.0})}, r"merge.task_weights: expected task names among"),
     ({"difficulty_weights": {"expert_eror": 1.0}}, r"difficulty_weights: difficulty weights name unknown feature"),
     ({"demonstrations": DemoConfig(k=2, max_length=16)}, r"demonstrations.max_length: expected at least max_length"),
+    ({"demonstrations": DemoConfig(select="similar", fixed=True)}, r"demonstrations.fixed: expected false with"),
     ({"expert": ExpertConfig(max_epochs=0)}, r"expert.max_epochs: expected an integer >= 1, got 0"),
     ({"backbone": "./no/such/model"}, r"backbone: ./no/such/model: no such directory"),
 ])

@@ -1,9 +1,14 @@
 """Curriculum in-context learning: k demonstrations from training data, put in the prompt easy → hard.
 
 For a query of task t, the pool is t's training split (`scope: task`) or the training splits of every task of t's
-group (`scope: group`). k examples are drawn from it with a seed that depends on the query (or, with `fixed`, only on
-the task: one demonstration set for every query, the standard few-shot protocol, whose prompts then share their
-prefix), labels taken in turn so every label shows up when k allows. They are then ordered:
+group (`scope: group`). k examples are taken from it by `select`:
+- `balanced`: drawn with a seed that depends on the query (or, with `fixed`, only on the task: one demonstration set
+  for every query, the standard few-shot protocol, whose prompts then share their prefix), labels taken in turn so
+  every label shows up when k allows;
+- `similar`: the k pool examples whose words overlap the query's most (Jaccard similarity of lower-cased word sets,
+  text and aspect; seeded ties), the nearest-neighbour demonstrations of KATE (Liu et al., 2022); their labels are
+  whatever the neighbours' are.
+They are then ordered:
 - `curriculum`: by task difficulty (easy tasks first, for a group pool), then by per-example difficulty (the expert's
   loss on the gold label when known, else input length), easy first;
 - `reverse`: the curriculum order reversed (hard → easy, the ablation that can show the order matters);
@@ -14,7 +19,9 @@ Validation and test data never enter a pool.
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 from collections.abc import Mapping
 from typing import Literal
 
@@ -23,6 +30,23 @@ from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
 DemoOrder = Literal["curriculum", "reverse", "random", "none"]
 DemoScope = Literal["task", "group"]
+DemoSelect = Literal["balanced", "similar"]
+_WORD = re.compile(r"\w+")
+
+
+def words(example: Example) -> frozenset[str]:
+    """Returns the lower-cased words of an example's text and aspect (what `similar` selection compares)."""
+    return _words(example.text, example.aspect)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _words(text: str, aspect: str | None) -> frozenset[str]:
+    return frozenset(_WORD.findall(f"{text} {aspect or ''}".lower()))
+
+
+def similarity(a: frozenset[str], b: frozenset[str]) -> float:
+    """Returns the Jaccard similarity of two word sets (0 when both are empty)."""
+    return len(a & b) / len(a | b) if a or b else 0.0
 
 
 def example_difficulty(example: Example, losses: Mapping[str, float] | None) -> float:
@@ -44,12 +68,17 @@ def select_demonstrations(
     losses: Mapping[str, Mapping[str, float]] | None = None,
     seed: int = 0,
     fixed: bool = False,
+    select: DemoSelect = "balanced",
 ) -> list[Demonstration]:
-    """Returns k demonstrations for `query` of `task`, drawn from `train` only and put in `order`.
+    """Returns k demonstrations for `query` of `task`, taken from `train` only by `select` and put in `order`.
 
     A training example with the query's own text is never drawn (with `fixed`, only that query's set differs)."""
     if order == "none" or k <= 0:
         return []
+    if select not in ("balanced", "similar"):
+        raise TaskError(f"demonstration selection '{select}': expected balanced or similar")
+    if select == "similar" and fixed:
+        raise TaskError("demonstrations: select 'similar' picks a set per query; it cannot be fixed per task")
     spec = specs[task]
     members = [t for t in specs if specs[t].group == spec.group and t in train] if scope == "group" else [task]
     if task not in train:
@@ -57,6 +86,10 @@ def select_demonstrations(
     pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
     rng = random.Random(f"{seed}:{task}" if fixed else f"{seed}:{task}:{query.id}")
     rng.shuffle(pool)
+    if select == "similar":
+        query_words = words(query)
+        picked = sorted(pool, key=lambda te: -similarity(query_words, words(te[1])))[:k]  # stable: seeded ties
+        return _ordered(picked, order, specs, task_order, losses, rng)
     by_label: dict[tuple[str, int], list[tuple[str, Example]]] = {}
     for t, e in pool:
         by_label.setdefault((t, e.label), []).append((t, e))
@@ -66,6 +99,13 @@ def select_demonstrations(
         for q in queues:
             if q and len(picked) < k:
                 picked.append(q.pop())
+    return _ordered(picked, order, specs, task_order, losses, rng)
+
+
+def _ordered(picked: list[tuple[str, Example]], order: DemoOrder, specs: Mapping[str, TaskSpec],
+             task_order: list[str] | None, losses: Mapping[str, Mapping[str, float]] | None,
+             rng: random.Random) -> list[Demonstration]:
+    """Returns the picked (task, example) pairs as demonstrations in `order`."""
     if order in ("curriculum", "reverse"):
         rank = {t: i for i, t in enumerate(task_order or [])}
         picked.sort(key=lambda te: (rank.get(te[0], len(rank)), example_difficulty(te[1], (losses or {}).get(te[0]))))
