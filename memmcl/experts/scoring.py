@@ -7,10 +7,10 @@ positions (`logits_to_keep`), never over the full sequence × vocabulary.
 Shared prefix and packing: the prompts of one batch usually begin with the same tokens (chat template, system
 prompt, instruction, a fixed demonstration set). That prefix is encoded once (batch 1); everything after it (each
 prompt's own suffix, and the rows that continue a prompt with a multi-token answer) runs in one forward packed into a
-single batch row, without padding, positions continuing the prefix. `packed_prefix_attention`, an attention function
-registered with transformers' `AttentionInterface`, gathers each sequence's tokens into an attention row, attends
-causally over them and over the prefix's keys/values: one GEMM per key/value head over every query against the single
-prefix copy, one joint softmax. Neither the prefix nor its heads are ever repeated, and the linear layers see only real
+single batch row, without padding, positions continuing the prefix. `packed_prefix_attention`
+(`memmcl.experts.packing`), an attention function registered with transformers' `AttentionInterface`, gathers each
+sequence's tokens into an attention row, attends causally over them and over the prefix's keys/values: one GEMM per
+key/value head over every query against the single prefix copy, one joint softmax. Neither the prefix nor its heads are ever repeated, and the linear layers see only real
 tokens. The result equals encoding every sequence whole (up to float rounding). Label scoring also keeps the last
 prefix cache per model for the next batches (a task's batches share it), keyed on the model's state: the address and
 version counter of every parameter and buffer, which any in-place update (an optimizer step, a new genome, a folded
@@ -20,16 +20,14 @@ transformers' attention interface, or that use sliding-window layers, run whole 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from memmcl.experts.packing import language_model, pack, prefix_attention, shares_prefix
 
 # A shared prefix shorter than this is not worth a second forward.
 MIN_SHARED_PREFIX = 8
@@ -60,152 +58,6 @@ def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.T
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Returns per-sequence positions for a left-padded batch, so padding never shifts a sequence's positions."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-PREFIX_ATTENTION = "memmcl_packed_prefix"
-
-
-@dataclass
-class Packing:
-    """Where the attention rows of a packed forward (every sequence's tokens one after another in one batch row,
-    no padding) find their tokens. Per group of rows: `queries` [R, Lq] and `keys` [R, Lk] hold packed token indices
-    (-1: none), `query_at` [R, Lq] each query's place in its key row (it sees the row's keys up to there); `order`
-    takes the groups' queries, concatenated, back to packed order."""
-
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    order: torch.Tensor
-
-
-def packed_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                            packing: Packing | None = None,
-                            shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
-    """Attention of packed sequences after an optional shared prefix, in transformers' attention-function form:
-    query [1, H, N, D], key/value [1, H_kv, N, D] of N packed tokens; returns ([1, N, H, D], None).
-
-    Each row of `packing` attends causally over its own keys and over every key of the shared prefix
-    (`shared_prefix[layer] = (keys, values)` [1, H_kv, P, D], encoded once). Without `packing`, this is
-    transformers' SDPA attention.
-    """
-    if packing is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    prefix = None if shared_prefix is None else shared_prefix[module.layer_idx]
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    outputs = []
-    for queries, keys, query_at in packing.groups:
-        rows = lambda states, index: states[0][:, index.clamp(min=0)].transpose(0, 1)  # noqa: E731 [R, heads, L, D]
-        visible = (keys[:, None, :] >= 0) & (torch.arange(keys.shape[1], device=keys.device) <= query_at[..., None])
-        out = _attend(rows(query, queries), rows(key, keys), rows(value, keys), visible, prefix, scale,
-                      dropout if module.training else 0.0)
-        outputs.append(out.transpose(1, 2)[queries >= 0])  # [queries of the group, H, D]
-    return torch.cat(outputs)[packing.order][None], None
-
-
-def _attend(q, k, v, visible, prefix, scale: float, dropout: float) -> torch.Tensor:
-    """Returns softmax attention [R, H, Lq, D] of q [R, H, Lq, D] over each row's own k/v [R, H_kv, Lk, D] where
-    `visible` [R, Lq, Lk], and over the shared prefix's (keys, values) [1, H_kv, P, D] (None: no prefix) everywhere.
-    The prefix is read as one copy: one GEMM per key/value head over every query of every row."""
-    R, H, Lq, D = q.shape
-    H_kv, Lk = k.shape[1], k.shape[2]
-    g = H // H_kv  # query heads per key/value head: head h reads key/value head h // g
-    q = q.reshape(R, H_kv, g * Lq, D)
-    own = (torch.matmul(q, k.transpose(2, 3)).float() * scale).view(R, H_kv, g, Lq, Lk)
-    own = own.masked_fill(~visible[:, None, None], float("-inf"))
-    if prefix is None:
-        weights = F.dropout(own.softmax(-1), p=dropout).to(v.dtype)
-        return torch.matmul(weights.view(R, H_kv, g * Lq, Lk), v).view(R, H, Lq, D)
-    prefix_keys, prefix_values = prefix
-    P = prefix_keys.shape[2]
-    q_by_head = q.transpose(0, 1).reshape(H_kv, R * g * Lq, D)
-    to_prefix = (torch.bmm(q_by_head, prefix_keys[0].transpose(1, 2)).float() * scale).view(H_kv, R, g, Lq, P)
-    top = torch.maximum(own.amax(-1), to_prefix.amax(-1).transpose(0, 1))  # [R, H_kv, g, Lq]
-    p_own = (own - top[..., None]).exp()
-    p_prefix = (to_prefix - top.transpose(0, 1)[..., None]).exp()
-    norm = (p_own.sum(-1) + p_prefix.sum(-1).transpose(0, 1))[..., None]
-    p_own = F.dropout(p_own / norm, p=dropout).to(v.dtype)
-    p_prefix = F.dropout(p_prefix / norm.transpose(0, 1), p=dropout).to(v.dtype)
-    out = torch.matmul(p_own.view(R, H_kv, g * Lq, Lk), v).view(R, H_kv, g, Lq, D)
-    from_prefix = torch.bmm(p_prefix.view(H_kv, R * g * Lq, P), prefix_values[0]).view(H_kv, R, g, Lq, D)
-    return (out + from_prefix.transpose(0, 1)).reshape(R, H, Lq, D)
-
-
-AttentionInterface.register(PREFIX_ATTENTION, packed_prefix_attention)
-
-
-def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[int, list[int]]] = (),
-         device="cpu") -> tuple[dict, Packing]:
-    """Returns (model inputs, packing) of sequences packed into one batch row without padding.
-
-    `suffixes` are the sequences' tokens after a shared prefix of `start` tokens (positions continue it);
-    `continuations` are (sequence, tokens) rows that continue a sequence's last token (one label's answer), packed
-    after the suffixes: each sees its sequence and itself, never another continuation.
-    """
-    lengths = [len(s) for s in suffixes]
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    ids = [t for s in suffixes for t in s]
-    positions = [start + j for n in lengths for j in range(n)]
-    width = max(lengths)
-    seq_index = torch.full((len(suffixes), width), -1, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        seq_index[i, :n] = torch.arange(offsets[i], offsets[i] + n)
-    groups = [(seq_index, seq_index, torch.arange(width).expand(len(suffixes), width))]
-    owner = [seq_index[seq_index >= 0]]
-    if continuations:
-        cont_width = max(len(c) for _, c in continuations)
-        queries = torch.full((len(continuations), cont_width), -1, dtype=torch.long)
-        keys = torch.full((len(continuations), width + cont_width), -1, dtype=torch.long)
-        query_at = torch.full((len(continuations), cont_width), width + cont_width - 1, dtype=torch.long)
-        for r, (i, tokens) in enumerate(continuations):
-            first = len(ids)
-            ids += tokens
-            positions += [start + lengths[i] + j for j in range(len(tokens))]
-            keys[r, : lengths[i]] = seq_index[i, : lengths[i]]
-            keys[r, lengths[i] : lengths[i] + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
-            query_at[r, : len(tokens)] = torch.arange(lengths[i], lengths[i] + len(tokens))
-        groups.append((queries, keys, query_at))
-        owner.append(queries[queries >= 0])
-    order = torch.empty(len(ids), dtype=torch.long)
-    order[torch.cat(owner)] = torch.arange(len(ids))
-    inputs = {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([positions], device=device)}
-    packing = Packing([tuple(t.to(device) for t in group) for group in groups], order.to(device))
-    return inputs, packing
-
-
-def language_model(model):
-    """Returns the transformers model inside wrappers (peft, `MultiLoRAModel`), or None where there is none."""
-    inner = model
-    while not isinstance(inner, PreTrainedModel):
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else getattr(inner, "model", None)
-        if inner is None:
-            return None
-    return inner
-
-
-def shares_prefix(model) -> bool:
-    """Returns whether the model's attention can read a shared prefix: it dispatches through transformers'
-    attention interface and has no sliding-window layers."""
-    inner = language_model(model)
-    if inner is None or not getattr(type(inner), "_supports_attention_backend", False):
-        return False
-    config = inner.config
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return False
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-
-
-@contextlib.contextmanager
-def prefix_attention(model):
-    """Routes the model's attention through `packed_prefix_attention` for the duration."""
-    config = language_model(model).config
-    before = config._attn_implementation
-    config._attn_implementation = PREFIX_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 @functools.cache
