@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
+
 from memmcl.tasks.prompts import Demonstration
 from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
@@ -47,6 +49,47 @@ def _words(text: str, aspect: str | None) -> frozenset[str]:
 def similarity(a: frozenset[str], b: frozenset[str]) -> float:
     """Returns the Jaccard similarity of two word sets (0 when both are empty)."""
     return len(a & b) / len(a | b) if a or b else 0.0
+
+
+class _WordIndex:
+    """The (task, example) pairs of a pool in order, with an inverted index word -> positions, so a query's Jaccard
+    similarity to every pair is a few vector operations instead of a set operation per pair."""
+
+    def __init__(self, lists: list[tuple[str, list[Example]]]):
+        self.lists = lists  # held, so the ids that key the cache cannot be reused while it lives
+        self.pairs = [(t, e) for t, examples in lists for e in examples]
+        self.at_text: dict[str, list[int]] = {}
+        for i, (_, e) in enumerate(self.pairs):
+            self.at_text.setdefault(e.text, []).append(i)
+        sets = [words(e) for _, e in self.pairs]
+        self.sizes = np.array([len(w) for w in sets], dtype=np.float64)
+        positions: dict[str, list[int]] = {}
+        for i, ws in enumerate(sets):
+            for w in ws:
+                positions.setdefault(w, []).append(i)
+        self.positions = {w: np.array(p) for w, p in positions.items()}
+
+    def similarities(self, query_words: frozenset[str]) -> np.ndarray:
+        """Returns the Jaccard similarity of `query_words` to every pair (exactly `similarity`'s values)."""
+        shared = np.zeros(len(self.pairs))
+        for w in query_words:
+            if w in self.positions:
+                shared[self.positions[w]] += 1
+        union = len(query_words) + self.sizes - shared
+        return np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
+
+
+_INDEXES: dict[tuple, _WordIndex] = {}
+
+
+def _word_index(members: list[str], train: Mapping[str, list[Example]]) -> _WordIndex:
+    """Returns the (cached) word index of the members' training lists; a few pools are kept, the oldest dropped."""
+    key = tuple((t, id(train[t]), len(train[t])) for t in members)
+    if key not in _INDEXES:
+        while len(_INDEXES) >= 16:
+            del _INDEXES[next(iter(_INDEXES))]
+        _INDEXES[key] = _WordIndex([(t, train[t]) for t in members])
+    return _INDEXES[key]
 
 
 def example_difficulty(example: Example, losses: Mapping[str, float] | None) -> float:
@@ -83,13 +126,17 @@ def select_demonstrations(
     members = [t for t in specs if specs[t].group == spec.group and t in train] if scope == "group" else [task]
     if task not in train:
         raise TaskError(f"task '{task}': in-context demonstrations need its train split, which was not loaded")
-    pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
     rng = random.Random(f"{seed}:{task}" if fixed else f"{seed}:{task}:{query.id}")
+    if select == "similar":  # the k most similar pairs; ties go by a seeded shuffle of the pool
+        index = _word_index(members, train)
+        pool_at = np.delete(np.arange(len(index.pairs)), index.at_text.get(query.text, []))
+        shuffle = list(range(len(pool_at)))
+        rng.shuffle(shuffle)  # the permutation a shuffle of the pool itself would make
+        shuffled = pool_at[shuffle] if len(shuffle) else pool_at
+        best = np.argsort(-index.similarities(words(query))[shuffled], kind="stable")[:k]
+        return _ordered([index.pairs[i] for i in shuffled[best]], order, specs, task_order, losses, rng)
+    pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
     rng.shuffle(pool)
-    if select == "similar":
-        query_words = words(query)
-        picked = sorted(pool, key=lambda te: -similarity(query_words, words(te[1])))[:k]  # stable: seeded ties
-        return _ordered(picked, order, specs, task_order, losses, rng)
     by_label: dict[tuple[str, int], list[tuple[str, Example]]] = {}
     for t, e in pool:
         by_label.setdefault((t, e.label), []).append((t, e))
