@@ -174,3 +174,56 @@ def test_saving_over_an_expert_replaces_it_and_a_failed_save_keeps_the_old(exper
         expert.save_expert(out)
     assert (out / "adapter_config.json").exists() and (out / "expert.yaml").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["expert"]  # no temporary directory left behind
+
+
+def test_off_task_batches_carry_other_tasks_prompts_seeded_by_the_batch(tiny_dir):
+    from memmcl.datamodule import MultiTaskDataModule
+    from memmcl.tasks.spec import TaskError
+
+    dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=96, batch_size=8, max_train_examples=40,
+                             off_task=["irony", "hate"])
+    dm.setup()
+    others = MultiTaskDataModule(["irony", "hate"], backbone=str(tiny_dir), max_length=96, max_train_examples=40)
+    others.setup()
+    pool = {tuple(it["prompt"]) for it in others.items["train"]}
+    own = {tuple(it["prompt"]) for split in dm.items.values() for it in split}
+    batches = list(dm.train_dataloader())
+    irony = {tuple(p) for p in dm.off_task_prompts[0]}
+    for batch in batches:
+        drawn = {tuple(p) for p in batch["off_task_prompt"]}
+        assert len(drawn) == len(batch["id"])
+        assert drawn <= pool and not drawn & own  # other tasks' training prompts only
+        assert drawn <= irony or not drawn & irony  # one task per batch
+    assert len({tuple(b["off_task_prompt"][0]) in irony for b in batches}) == 2  # both tasks are drawn
+    assert [b["off_task_prompt"] for b in batches] == [b["off_task_prompt"] for b in dm.train_dataloader()]
+    assert "off_task_prompt" not in next(iter(dm.val_dataloader()))
+    with pytest.raises(TaskError, match="data.off_task names task"):
+        MultiTaskDataModule(["sc_binary", "irony"], backbone=str(tiny_dir), off_task=["irony"])
+
+
+def test_off_task_weight_keeps_other_tasks_outputs_near_the_base(tiny_dir, tmp_path):
+    """Trained on sc_binary alone, an adapter moves irony prompts' next-token distribution; with the off-task term
+    it moves them far less, and still learns its own task."""
+    import lightning as L
+
+    from memmcl.datamodule import MultiTaskDataModule
+
+    def train(weight):
+        dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=96, batch_size=8, max_train_examples=64,
+                                 max_eval_examples=8, off_task=["irony"])
+        L.seed_everything(0, verbose=False)
+        model = LoRAExpert(backbone=str(tiny_dir), lora_r=4, lr=5e-3, off_task_weight=weight,
+                           export_dir=str(tmp_path / f"expert-{weight}"))
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(model, dm)
+        model.eval()
+        with torch.no_grad():
+            probe = dm.off_task_prompts[0][:32]
+            loss = answer_loss(model.model, *(next(iter(dm.train_dataloader()))[k] for k in ("input_ids", "attention_mask", "labels")))
+            return model.off_task_kl(probe).item(), loss.item()
+
+    kl_free, loss_free = train(0.0)
+    kl_held, loss_held = train(1.0)
+    assert kl_held < 0.5 * kl_free
+    assert loss_held < 1.5 * loss_free
