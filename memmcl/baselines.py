@@ -36,8 +36,7 @@ def variant_name(pacing: str) -> str:
 
 
 def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
-    # the multi-task adapter trains on every task at once: no early stop per task, no other tasks to leave alone
-    expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs", "off_task_weight")}
+    expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs")}
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
     return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
                         settings, pacing, order if pacing != "none" else None, data_hash])

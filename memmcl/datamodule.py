@@ -40,20 +40,18 @@ def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[E
     return items
 
 
-def collate(items: list[dict], pad_id: int, off_task: Sequence[list[list[int]]] = ()) -> dict:
+def collate(items: list[dict], pad_id: int) -> dict:
     """Returns a left-padded batch of prompt + gold answer whose `labels` mask everything but the answer tokens.
 
     Left padding puts every answer at the end, so only the last positions need the LM head. The raw prompt and
-    answer ids stay in the batch for label scoring. With `off_task` (per other task, the prompts of its unlabelled
-    training inputs), `off_task_prompt` holds as many prompts of one of those tasks as the batch has items, a choice
-    seeded by the items' ids; one task per batch, so they share its instruction and the scorer encodes it once.
+    answer ids stay in the batch for label scoring.
     """
     input_ids, attention_mask = left_pad([it["prompt"] + it["answers"][it["label"]] for it in items], pad_id)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, it in enumerate(items):
         n_answer = len(it["answers"][it["label"]])
         labels[i, -n_answer:] = input_ids[i, -n_answer:]
-    batch = {
+    return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -63,11 +61,6 @@ def collate(items: list[dict], pad_id: int, off_task: Sequence[list[list[int]]] 
         "prompt": [it["prompt"] for it in items],
         "answers": [it["answers"] for it in items],
     }
-    if off_task:
-        rng = random.Random("|".join(it["id"] for it in items))
-        pool = rng.choice(off_task)
-        batch["off_task_prompt"] = rng.sample(pool, min(len(items), len(pool)))
-    return batch
 
 
 class EvalShardSampler(DistributedSampler):
@@ -168,10 +161,6 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_losses: a folder of `<task>.example_loss.json` files ({example id: expert loss}, written by weak-data
             mining) that rank examples by difficulty; without it, shorter inputs count as easier.
         difficulty_file: a `difficulty.json` whose `order` ranks tasks easy → hard (for `demo_scope: group`).
-        off_task: tasks (names or spec paths) whose training inputs, unlabelled and in their own task's prompt,
-            ride along with every training batch as `off_task_prompt` (as many as the batch has examples, from one
-            of those tasks), for
-            `LoRAExpert.off_task_weight`: the expert learns to leave other tasks' prompts as the base model reads them.
     """
 
     def __init__(
@@ -200,7 +189,6 @@ class MultiTaskDataModule(L.LightningDataModule):
         demo_seed: int | None = None,
         encode_splits: list[str] | None = None,
         demo_select: DemoSelect = "balanced",
-        off_task: list[str] | None = None,
     ):
         super().__init__()
         if demo_select == "similar" and demo_fixed:
@@ -223,11 +211,6 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_train_examples, self.samples_per_epoch, self.predict_split = max_train_examples, samples_per_epoch, predict_split
         self.specs = load_task_specs(list(tasks), data_dir)
-        self.off_task_specs = load_task_specs(list(off_task or []), data_dir)
-        clash = sorted({s.name for s in self.specs} & {s.name for s in self.off_task_specs})
-        if clash:
-            raise TaskError(f"data.off_task names task(s) {clash} that are also in data.tasks; expected other tasks only")
-        self.off_task_prompts: list[list[list[int]]] = []  # per off-task task
         self.tokenizer = None
         self.examples: dict[str, dict[str, list[Example]]] = {}
         self.items: dict[str, list[dict]] = {}
@@ -265,12 +248,6 @@ class MultiTaskDataModule(L.LightningDataModule):
                     # share the task's prompt prefix.
                     items.sort(key=lambda it: len(it["prompt"]))
                 self.items.setdefault(split, []).extend(items)
-        for spec in self.off_task_specs:  # inputs only: their labels never reach the batch
-            train = read_task(spec, ("train",))[0].get("train")
-            if not train:
-                raise TaskError(f"data.off_task: task '{spec.name}' ({spec.source}) has no train split; expected one")
-            examples = stratified_sample(train, self.max_train_examples, self.seed)
-            self.off_task_prompts.append([it["prompt"] for it in encode_examples(self.tokenizer, spec, -1, examples, self.max_length)])
 
     def _demonstration_source(self) -> Callable | None:
         """Returns f(task, example) -> demonstrations for evaluation prompts, or None without demonstrations."""
@@ -345,9 +322,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, items: list[dict], batch_size: int, sampler, off_task: Sequence[list[list[int]]] = ()) -> DataLoader:
+    def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
         return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id, off_task=off_task))
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
@@ -355,7 +332,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._train_sampler = TaskMixtureSampler(sizes, world, rank, self.seed, self.samples_per_epoch)
         if getattr(self, "_weights", None):
             self._train_sampler.set_weights(self._weights)
-        return self._loader(self.items["train"], self.batch_size, self._train_sampler, self.off_task_prompts)
+        return self._loader(self.items["train"], self.batch_size, self._train_sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.items:

@@ -154,15 +154,14 @@ class Pipeline:
             shutil.rmtree(out)
         return False
 
-    def expert_model(self, export_dir: Path, off_task_weight: float = 0.0) -> LoRAExpert:
+    def expert_model(self, export_dir: Path) -> LoRAExpert:
         """A fresh LoRA adapter with the expert settings, seeded so that a run depends on its settings only."""
         e = self.expert
         L.seed_everything(self.seed, verbose=False)
         return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                           lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
                           weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
-                          gradient_checkpointing=e.gradient_checkpointing, export_dir=str(export_dir),
-                          off_task_weight=off_task_weight)
+                          gradient_checkpointing=e.gradient_checkpointing, export_dir=str(export_dir))
 
     def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
         record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
@@ -220,18 +219,10 @@ class Pipeline:
             settings["demo_select"] = self.demos.select
         if not settings["weight_decay"]:
             del settings["weight_decay"]
-        if not settings["off_task_weight"]:
-            del settings["off_task_weight"]
         return settings
-
-    def off_task(self, spec: TaskSpec) -> list[TaskSpec]:
-        """The tasks whose prompts expert `spec` learns to leave alone (none without `expert.off_task_weight`)."""
-        return [s for s in self.specs if s.name != spec.name] if self.expert.off_task_weight else []
 
     def expert_key(self, spec: TaskSpec) -> str:
         settings = self.expert_settings()
-        if self.expert.off_task_weight:  # the other tasks' training inputs are part of what it is trained on
-            settings["off_task"] = [[s.to_dict(), s.data_hash(("train",))] for s in self.off_task(spec)]
         capped = [self.max_eval_examples] if self.max_eval_examples else []
         return config_hash([self.backbone, self.dtype, self.seed, self.max_length, *capped, settings, spec.to_dict(),
                             spec.data_hash(("train", "validation"))])
@@ -243,13 +234,13 @@ class Pipeline:
         if self._start_training(f"expert:{spec.name}", out, key, EXPERT_OUTPUTS):
             return json.loads((out / "metrics.json").read_text())
         started, e = time.time(), self.expert
-        model = self.expert_model(out / "expert", e.off_task_weight)
+        model = self.expert_model(out / "expert")
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
                                  max_eval_examples=self.max_eval_examples, seed=self.seed,
                                  train_demonstrations=e.demonstrations, train_demo_share=e.demo_share,
                                  demo_max_length=self.demos.max_length, demo_scope=self.demos.scope,
-                                 demo_select=self.demos.select, off_task=self.off_task(spec))
+                                 demo_select=self.demos.select)
         callbacks = []
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,

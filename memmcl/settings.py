@@ -64,8 +64,6 @@ class ExpertConfig:
     gradient_checkpointing: bool = _default(LoRAExpert, "gradient_checkpointing")
     demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
     demo_share: float = 0.5
-    # > 0: each expert also learns to leave the other tasks' prompts as the base reads them (LoRAExpert.off_task_weight)
-    off_task_weight: float = _default(LoRAExpert, "off_task_weight")
     workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
 
 
@@ -145,9 +143,6 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
                          ("merge.max_weak_examples", m.max_weak_examples)]:
         _require(value is None or value >= 1, field, value, "null or an integer >= 1")
     _require(e.lr > 0, "expert.lr", e.lr, "a learning rate > 0")
-    _require(e.off_task_weight >= 0, "expert.off_task_weight", e.off_task_weight, "a weight >= 0")
-    _require(not e.off_task_weight or len(names) >= 2, "expert.off_task_weight", e.off_task_weight,
-             "0 with a single task (there are no other tasks to leave alone)")
     _require(0 <= e.lora_dropout < 1, "expert.lora_dropout", e.lora_dropout, "a probability in [0, 1)")
     _require(e.stop_at_accuracy is None or 0 < e.stop_at_accuracy <= 1, "expert.stop_at_accuracy", e.stop_at_accuracy,
              "null or an accuracy in (0, 1]")

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.scoring import answer_loss, next_token_logits, score_labels
+from memmcl.experts.scoring import answer_loss, score_labels
 from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
 
@@ -131,10 +131,6 @@ class LoRAExpert(LabelScoringModule):
         lr, weight_decay, warmup_steps: AdamW with linear warmup, then `lr_schedule`: cosine decay to 0, or constant.
         gradient_checkpointing: non-reentrant, so it works under DDP.
         export_dir: where `fit` writes the trained expert (peft adapter + task specs); default `<log_dir>/expert`.
-        off_task_weight: adds this weight × KL(base ‖ expert) of the next-token distribution at the end of other
-            tasks' prompts (the batch's `off_task_prompt`, see `MultiTaskDataModule.off_task`): the adapter learns
-            to change only its own task's answers, so experts interfere less when merged (weight disentanglement,
-            in the spirit of the τJp regularizer of Yoshida et al., ICLR 2025). 0 trains on the task alone.
     """
 
     def __init__(
@@ -152,11 +148,8 @@ class LoRAExpert(LabelScoringModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
-        off_task_weight: float = 0.0,
     ):
         super().__init__()
-        if off_task_weight < 0:
-            raise ExpertError(f"model.off_task_weight={off_task_weight}: expected a weight >= 0")
         self.save_hyperparameters()
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -175,26 +168,9 @@ class LoRAExpert(LabelScoringModule):
         self.strict_loading = False
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        n = batch["input_ids"].shape[0]
         loss = answer_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        if self.hparams.off_task_weight:
-            kl = self.off_task_kl(batch["off_task_prompt"])
-            self.log("train/off_task_kl", kl, batch_size=n)
-            loss = loss + self.hparams.off_task_weight * kl
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
-
-    def on_train_start(self) -> None:
-        if self.hparams.off_task_weight and not getattr(self.trainer.datamodule, "off_task_prompts", None):
-            raise ExpertError(f"model.off_task_weight={self.hparams.off_task_weight} needs other tasks' prompts; "
-                              "expected data.off_task to name at least one task with training data")
-
-    def off_task_kl(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Returns the mean KL(base ‖ expert) of the next-token distributions at the end of `prompts`."""
-        with torch.no_grad(), self.model.disable_adapter():
-            base = torch.log_softmax(next_token_logits(self.model, prompts, self.pad_id).float(), -1)
-        adapted = torch.log_softmax(next_token_logits(self.model, prompts, self.pad_id).float(), -1)
-        return torch.nn.functional.kl_div(adapted, base, log_target=True, reduction="batchmean")
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -203,11 +203,6 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     return F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def next_token_logits(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Returns [B, V] logits of the token after each prompt (gradients flow; the prefix is not cached)."""
-    return _run(model, prompts, pad_id, next(model.parameters()).device, 1)[0][:, -1]
-
-
 @torch.no_grad()
 def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, chunk_size: int = 64,
                  share_prefix: bool = True) -> torch.Tensor:
