@@ -132,7 +132,7 @@ def select_demonstrations(
         pool_at = np.delete(np.arange(len(index.pairs)), index.at_text.get(query.text, []))
         shuffle = list(range(len(pool_at)))
         rng.shuffle(shuffle)  # the permutation a shuffle of the pool itself would make
-        shuffled = pool_at[shuffle] if len(shuffle) else pool_at
+        shuffled = pool_at[shuffle]
         best = np.argsort(-index.similarities(words(query))[shuffled], kind="stable")[:k]
         return _ordered([index.pairs[i] for i in shuffled[best]], order, specs, task_order, losses, rng)
     pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
