@@ -72,14 +72,15 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
 
     results: dict[str, dict] = {}
     plain = dm(p.specs)
-    for name, c in models.items():
-        results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
+    with search.cached_shifts():  # tangent experts: the test prompts' per-expert shifts serve every model below
+        for name, c in models.items():
+            results[name] = dict(search.evaluate(trainer, c, plain, split="test"))
+        results["expert"] = {}
+        for t, spec in enumerate(p.specs):
+            onehot = torch.zeros_like(merges["base"])
+            onehot[:, t] = 1.0
+            results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
     results.update(multitask)  # trained and tested by their own phases, same scorer and test sample
-    results["expert"] = {}
-    for t, spec in enumerate(p.specs):
-        onehot = torch.zeros_like(merges["base"])
-        onehot[:, t] = 1.0
-        results["expert"].update(search.evaluate(trainer, onehot, dm([spec]), split="test"))
     icl: dict[str, dict] = {}
     if p.demos.k > 0:  # the ablation: each order over `seeds` demonstration draws, its mean per task and the spread
         icl["none"] = {"per_seed": [sum(r["acc"] for r in results["evolved_global"].values()) / len(p.specs)]}

@@ -43,6 +43,7 @@ from memmcl.datamodule import MultiTaskDataModule
 from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
+from memmcl.experts.tangent import TangentExpert
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
 from memmcl.merging.weak import mine_weak_data
@@ -154,10 +155,15 @@ class Pipeline:
             shutil.rmtree(out)
         return False
 
-    def expert_model(self, export_dir: Path) -> LoRAExpert:
+    def expert_model(self, export_dir: Path) -> LoRAExpert | TangentExpert:
         """A fresh LoRA adapter with the expert settings, seeded so that a run depends on its settings only."""
         e = self.expert
         L.seed_everything(self.seed, verbose=False)
+        if e.tangent:
+            return TangentExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+                                 target_modules=e.target_modules, a0_seed=self.seed, lr=e.lr,
+                                 weight_decay=e.weight_decay, off_task_weight=e.off_task_weight,
+                                 off_task_batch=e.off_task_batch, export_dir=str(export_dir))
         return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                           lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
                           weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
@@ -213,6 +219,9 @@ class Pipeline:
         """The expert settings that decide what is trained (not `workers`); options at their default that were added
         later are left out, so run directories of earlier versions keep their keys."""
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
+        if not settings["tangent"]:
+            for name in ("tangent", "off_task_weight", "off_task_prompts", "off_task_batch"):
+                del settings[name]
         if not settings["demonstrations"]:
             del settings["demonstrations"], settings["demo_share"]
         elif self.demos.select != "balanced":  # training demonstrations are selected as evaluation's are
@@ -235,6 +244,8 @@ class Pipeline:
             return json.loads((out / "metrics.json").read_text())
         started, e = time.time(), self.expert
         model = self.expert_model(out / "expert")
+        if e.tangent and e.off_task_weight > 0:
+            model.set_off_task({t: items for t, items in self.off_task_pool().items() if t != spec.name})
         dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
                                  eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
                                  max_eval_examples=self.max_eval_examples, seed=self.seed,
@@ -254,6 +265,24 @@ class Pipeline:
         trainer.strategy.barrier()
         self._finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
         return metrics
+
+    def off_task_pool(self) -> dict[str, list[tuple[list[int], list[list[int]]]]]:
+        """Returns {task: (prompt, answers) of `expert.off_task_prompts` of its training prompts}, a seeded draw from
+        the examples its expert trains on; tangent experts are kept from moving other tasks' label scores on them."""
+        if getattr(self, "_off_task_pool", None) is None:
+            import random
+
+            dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
+                                     max_train_examples=self.expert.max_train_examples, seed=self.seed,
+                                     encode_splits=["train"])
+            dm.setup()
+            pool: dict[str, list] = {s.name: [] for s in self.specs}
+            for item in dm.items["train"]:
+                pool[self.specs[item["task"]].name].append((item["prompt"], item["answers"]))
+            rng = random.Random(self.seed)
+            self._off_task_pool = {t: rng.sample(items, min(len(items), self.expert.off_task_prompts))
+                                   for t, items in pool.items()}
+        return self._off_task_pool
 
     def in_workers(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
         """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several

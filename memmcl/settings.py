@@ -11,6 +11,7 @@ from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import Pacing
 from memmcl.experts.expert import LoRAExpert
+from memmcl.experts.tangent import TangentExpert
 from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
 from memmcl.merging.search import MergeSearch
@@ -65,6 +66,11 @@ class ExpertConfig:
     demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
     demo_share: float = 0.5
     workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
+    # tangent-space experts (`memmcl.experts.tangent`): linear in their adapter, kept off other tasks' prompts
+    tangent: bool = False
+    off_task_weight: float = _default(TangentExpert, "off_task_weight")
+    off_task_prompts: int = 32  # the off-task pool: this many training prompts of each other task (seeded draw)
+    off_task_batch: int = _default(TangentExpert, "off_task_batch")
 
 
 @dataclass
@@ -154,6 +160,12 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(m.min_weak_examples >= 0, "merge.min_weak_examples", m.min_weak_examples, "an integer >= 0")
     _require(all(x > 0 for x in m.task_arithmetic_scales or ()), "merge.task_arithmetic_scales",
              m.task_arithmetic_scales, "null or scales > 0")
+    _require(e.off_task_weight >= 0, "expert.off_task_weight", e.off_task_weight, "a weight >= 0")
+    _require(e.off_task_prompts >= 1 and e.off_task_batch >= 1, "expert.off_task_prompts / off_task_batch",
+             (e.off_task_prompts, e.off_task_batch), "integers >= 1")
+    _require(not e.tangent or m.method == "linear", "merge.method", m.method, "linear with expert.tangent: true")
+    _require(not e.tangent or e.demonstrations == 0, "expert.demonstrations", e.demonstrations,
+             "0 with expert.tangent: true")
     _require(m.worst_weight >= 0, "merge.worst_weight", m.worst_weight, "a weight >= 0")
     _require(m.weak_anchor_ratio >= 0, "merge.weak_anchor_ratio", m.weak_anchor_ratio, "a ratio >= 0")
     if m.task_weights is not None:

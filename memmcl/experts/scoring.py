@@ -205,7 +205,7 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
 
 @torch.no_grad()
 def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, chunk_size: int = 64,
-                 share_prefix: bool = True) -> torch.Tensor:
+                 share_prefix: bool = True, reuse_prefix: bool | None = None) -> torch.Tensor:
     """Returns [N, max labels] summed log-probabilities of each example's label answers (-inf where a task has fewer labels).
 
     `answers[i][l]` holds the token ids of label l's answer for example i. The prompt's last position scores every
@@ -213,7 +213,8 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
     continuation (labels that share all but their last token share a row), packed into the same forward as the
     prompts (or, on whole sequences, a second forward from the prompts' key/value cache). The LM head runs only at
     those positions. So each prompt is encoded once however many labels there are. Results do not depend on batch
-    size, padding, packing or prefix sharing.
+    size, padding, packing or prefix sharing. `reuse_prefix` (default: `share_prefix`) keeps a batch's prefix
+    keys/values for the next batches; off for forward-mode AD, whose tangents do not outlive their dual level.
     """
     device = next(model.parameters()).device
     n_labels = max(len(a) for a in answers)
@@ -221,11 +222,12 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
     for start in range(0, len(prompts), chunk_size):
         stop = min(start + chunk_size, len(prompts))
         scores[start:stop] = _score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device,
-                                          share_prefix)
+                                          share_prefix, share_prefix if reuse_prefix is None else reuse_prefix)
     return scores
 
 
-def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool) -> torch.Tensor:
+def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool,
+                 reuse_prefix: bool | None = None) -> torch.Tensor:
     # Multi-token answers continue the prompt with all of their tokens but the last; labels whose continuation is
     # the same ("very negative" / "very positive": "very") share one row.
     rows: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -235,7 +237,8 @@ def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, sh
                 rows.setdefault((i, tuple(a[:-1])), len(rows))
     continuations = [(i, list(c)) for i, c in rows]
     last, later_logits = _run(model, prompts, pad_id, device, keep=1, continuations=continuations,
-                              share_prefix=share_prefix, reuse_prefix=share_prefix)
+                              share_prefix=share_prefix,
+                              reuse_prefix=share_prefix if reuse_prefix is None else reuse_prefix)
     first = F.log_softmax(last[:, -1].float(), dim=-1)  # [B, V]
     B = len(prompts)
     first_tokens = torch.zeros((B, n_labels), dtype=torch.long)

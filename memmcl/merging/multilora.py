@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from memmcl.merging.methods import MergeMethod, merge_deltas, method_info
@@ -123,7 +124,14 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self._owner[0].folded:
+        owner = self._owner[0]
+        if owner.tangent:  # the first-order model: the merged delta moves only the tangent, W0 ẋ + ΔW x
+            if not owner.dual:
+                raise MergeError("tangent experts are scored in the tangent model: run them through MultiLoRAModel.tangent_pass")
+            x = fwAD.unpack_dual(x).primal
+            delta = ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
+            return y + fwAD.make_dual(torch.zeros_like(delta), delta)
+        if owner.folded:
             return y
         return y + ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
 
@@ -147,6 +155,8 @@ class MultiLoRAModel(nn.Module):
         self.model = model.requires_grad_(False).eval()
         self.expert_names, self.n_blocks = names, n_blocks
         self.folded, self.method, self.density, self.method_seed = False, "linear", 0.5, 0
+        # tangent experts (`memmcl.experts.tangent`): scored in the base model's first-order expansion, in a dual pass
+        self.tangent, self.dual = False, False
         modules = dict(model.named_modules())
         n_layers = 1 + max((int(m.group(1)) for n in modules if (m := _LAYER.search(n + "."))), default=0)
         if not 1 <= n_blocks <= n_layers:
@@ -199,6 +209,17 @@ class MultiLoRAModel(nn.Module):
             raise MergeError(f"genome of shape {tuple(g.shape)}: expected ({self.n_experts},) or "
                              f"({self.n_blocks}, {self.n_experts}) for experts {self.expert_names}")
         return g
+
+    def tangent_pass(self, score) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (value, tangent) of `score()` (a function of this model's outputs) at the base model, the tangent
+        along the current merge's delta, by forward-mode AD: the tangent model's output is value + tangent."""
+        with torch.inference_mode(False), fwAD.dual_level():  # inference mode (validate, test) drops tangents
+            self.dual = True
+            try:
+                out = fwAD.unpack_dual(score())
+            finally:
+                self.dual = False
+        return out.primal, out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
 
     @torch.no_grad()
     def set_genome(self, genome, fold: bool = False, method: MergeMethod = "linear", density: float = 0.5, seed: int = 0) -> None:

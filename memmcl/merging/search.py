@@ -12,6 +12,7 @@ ranks see the same fitness and, with the same seed, the same genomes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from memmcl.experts.expert import (
     check_expert_dir,
     write_atomic,
 )
+from memmcl.experts.scoring import score_labels
 from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod, method_info
 from memmcl.merging.multilora import (
@@ -124,9 +126,10 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"worst_weight={worst_weight}: expected a weight >= 0")
         self.expert_dirs = [Path(p) for p in experts]
         self.expert_specs: list[TaskSpec] = []
-        backbones = set()
+        backbones, tangent = set(), set()
         for path in self.expert_dirs:
             meta = check_expert_dir(path)
+            tangent.add(bool(meta.get("tangent")))
             tasks = [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
             if len(tasks) != 1:
                 raise MergeError(f"{path}: an expert for {len(tasks)} tasks; MergeSearch merges single-task experts")
@@ -140,9 +143,21 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"two experts are for the same task: {self.names}")
         self.groups = self._group_members(groups)
         self.task_group = {self.names[t]: g for g, members in self.groups.items() for t in members}
+        if len(tangent) > 1:
+            raise MergeError(f"experts {[str(p) for p in self.expert_dirs]}: tangent and ordinary LoRA experts mixed "
+                             "(expert.yaml: tangent); expected one kind")
+        self.tangent = tangent.pop()
+        if self.tangent and method != "linear":
+            raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
         self.pad_id = self.tokenizer.pad_token_id
+        if self.tangent:  # forward-mode AD needs attention written in plain ops
+            base.set_attn_implementation("eager")
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
+        self.model.tangent = self.tangent
+        # tangent model: prompt -> (label scores of the base, their shift along each expert's delta per block)
+        self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache_shifts = False
         self.out_dir = Path(out_dir)
         self.weak_dir = Path(weak_dir) if weak_dir is not None else self.out_dir / "weak"
         self.strict_loading = False
@@ -172,7 +187,66 @@ class MergeSearch(LabelScoringModule):
 
     def set_coefficients(self, coef: torch.Tensor) -> None:
         h = self.hparams
-        self.model.set_genome(coef, fold=h.fold, method=h.method, density=h.density, seed=h.seed)
+        self.model.set_genome(coef, fold=h.fold and not self.tangent, method=h.method, density=h.density, seed=h.seed)
+
+    def predict_scores(self, batch: dict) -> torch.Tensor:
+        """The label scorer; for tangent experts, in the tangent model (see `tangent_scores`)."""
+        if not self.tangent:
+            return super().predict_scores(batch)
+        return self.tangent_scores(batch["prompt"], batch["answers"]).to(self.device)
+
+    def tangent_scores(self, prompts: list[list[int]], answers: list[list[list[int]]]) -> torch.Tensor:
+        """Returns the tangent model's label scores, score₀ + Σ_{block, t} c_{block, t} · shift_{block, t}.
+
+        Without the shift cache: one forward-mode pass along the current merge's delta. With it (`cached_shifts`),
+        each prompt's per-expert, per-block shifts are computed once (one pass each) and a genome switch then costs
+        one small product per batch: the search's weak data and the test data are scored for many genomes.
+        """
+        def run(ps, ans):
+            return self.model.tangent_pass(lambda: score_labels(self.model, ps, ans, self.pad_id, reuse_prefix=False))
+
+        if not self._cache_shifts:
+            value, shift = run(prompts, answers)
+            return value + shift
+        keys = [(tuple(p), tuple(map(tuple, a))) for p, a in zip(prompts, answers, strict=True)]
+        first: dict[tuple, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._shifts:
+                first.setdefault(k, i)
+        if first:
+            missing = list(first.values())
+            ps, ans = [prompts[i] for i in missing], [answers[i] for i in missing]
+            genome = self.model.genome.clone()
+            K, T = genome.shape
+            shifts = torch.zeros(len(missing), K, T, max(map(len, ans)))
+            try:
+                for k in range(K):
+                    for t in range(T):
+                        unit = torch.zeros(K, T)
+                        unit[k, t] = 1.0
+                        self.model.set_genome(unit)
+                        value, shifts[:, k, t] = run(ps, ans)
+            finally:
+                self.model.set_genome(genome)
+            for row, i in enumerate(missing):
+                n = len(answers[i])
+                self._shifts[keys[i]] = (value[row, :n].clone(), shifts[row, ..., :n].clone())
+        n_labels = max(map(len, answers))
+        value = torch.full((len(keys), n_labels), float("-inf"))
+        shifts = torch.zeros(len(keys), *self.model.genome.shape, n_labels)
+        for i, k in enumerate(keys):
+            v, d = self._shifts[k]
+            value[i, : len(v)], shifts[i, ..., : len(v)] = v, d
+        return value + torch.einsum("nktl,kt->nl", shifts, self.model.genome.cpu())
+
+    @contextlib.contextmanager
+    def cached_shifts(self):
+        """Within: tangent scores come from per-expert shifts kept per prompt (for data scored under many genomes)."""
+        before, self._cache_shifts = self._cache_shifts, self.tangent
+        try:
+            yield
+        finally:
+            self._cache_shifts = before
 
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
         """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split."""
@@ -215,41 +289,8 @@ class MergeSearch(LabelScoringModule):
             coef, record = self.load_genome(genome)
         else:
             weak = self.mine_weak_data(trainer)
-            T = self.model.n_experts
-            stages = {}
-            group_coef = {}
-            for g, members in self.groups.items():
-                basis = torch.zeros(len(members), self.hparams.blocks, T)
-                for m, t in enumerate(members):
-                    basis[m, :, t] = 1.0
-                stages[g] = run_stage(self, trainer, g, basis, [self.names[t] for t in members],
-                                      [weak[t] for t in members], resume, self._show_progress)
-                group_coef[g] = self._coef_matrix(stages[g]["coefficients"])
-            if len(self.groups) > 1:
-                basis = torch.stack([group_coef[g] for g in self.groups])
-                stages["global"] = run_stage(self, trainer, "global", basis, list(self.groups), weak, resume,
-                                              self._show_progress)
-                final = stages["global"]
-            else:
-                final = stages[next(iter(self.groups))]
-            coef = self._coef_matrix(final["coefficients"])
-            baselines = {}
-            if self.hparams.task_arithmetic_scales:
-                baselines["task_arithmetic"] = tune_task_arithmetic(self, trainer, weak, list(self.hparams.task_arithmetic_scales))
-            record = {
-                "backbone": self.backbone,
-                "experts": {n: str(p.resolve()) for n, p in zip(self.names, self.expert_dirs, strict=True)},
-                "blocks": self.hparams.blocks,
-                "method": self.hparams.method,
-                "density": self.hparams.density,
-                "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
-                "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
-                           for s, r in stages.items()},
-                "coefficients": coefficients_to_yaml(coef, self.names),
-                "baselines": baselines,
-            }
-            if trainer.is_global_zero:
-                write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
+            with self.cached_shifts():
+                coef, record = self._search(trainer, weak, resume)
         self.set_coefficients(coef)
         if trainer.is_global_zero:
             self.export(self.out_dir / "merged")
@@ -258,6 +299,47 @@ class MergeSearch(LabelScoringModule):
             record["test"] = self.evaluate_test(trainer, record)
         self.summary = record
         return record
+
+    def _search(self, trainer: L.Trainer, weak: list[TaskSpec], resume: bool) -> tuple[torch.Tensor, dict]:
+        """A search per group, then over the group merges, then the baselines; returns the final coefficients and the
+        record written to best_genome.yaml."""
+        T = self.model.n_experts
+        stages = {}
+        group_coef = {}
+        for g, members in self.groups.items():
+            basis = torch.zeros(len(members), self.hparams.blocks, T)
+            for m, t in enumerate(members):
+                basis[m, :, t] = 1.0
+            stages[g] = run_stage(self, trainer, g, basis, [self.names[t] for t in members],
+                                  [weak[t] for t in members], resume, self._show_progress)
+            group_coef[g] = self._coef_matrix(stages[g]["coefficients"])
+        if len(self.groups) > 1:
+            basis = torch.stack([group_coef[g] for g in self.groups])
+            stages["global"] = run_stage(self, trainer, "global", basis, list(self.groups), weak, resume,
+                                          self._show_progress)
+            final = stages["global"]
+        else:
+            final = stages[next(iter(self.groups))]
+        coef = self._coef_matrix(final["coefficients"])
+        baselines = {}
+        if self.hparams.task_arithmetic_scales:
+            baselines["task_arithmetic"] = tune_task_arithmetic(self, trainer, weak, list(self.hparams.task_arithmetic_scales))
+        record = {
+            "backbone": self.backbone,
+            "experts": {n: str(p.resolve()) for n, p in zip(self.names, self.expert_dirs, strict=True)},
+            "blocks": self.hparams.blocks,
+            "method": self.hparams.method,
+            "density": self.hparams.density,
+            **({"tangent": True} if self.tangent else {}),
+            "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
+            "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
+                       for s, r in stages.items()},
+            "coefficients": coefficients_to_yaml(coef, self.names),
+            "baselines": baselines,
+        }
+        if trainer.is_global_zero:
+            write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
+        return coef, record
 
     def load_genome(self, path: str | Path) -> tuple[torch.Tensor, dict]:
         """Returns the [blocks, T] coefficients of a `best_genome.yaml`, checked against these experts, and the file's record."""
@@ -268,8 +350,10 @@ class MergeSearch(LabelScoringModule):
         return self._coef_matrix(data.get("coefficients"), source=str(path)), data
 
     def export(self, out_dir: Path) -> Path:
-        """Writes the current merge: a peft adapter loadable as an expert (linear), else a full HF model."""
-        meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs]}
+        """Writes the current merge: a peft adapter loadable as an expert (linear), else a full HF model. A merge of
+        tangent experts is marked `tangent` in its expert.yaml: its model is the tangent model, not the adapter."""
+        meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs],
+                **({"tangent": True} if self.tangent else {})}
 
         def write(tmp: Path) -> None:
             if method_info(self.hparams.method).low_rank_export:
@@ -305,7 +389,8 @@ class MergeSearch(LabelScoringModule):
         candidates = self.candidate_merges(record)
         out = {}
         for name, coef in candidates.items():
-            res = self.evaluate(trainer, coef, dm, split="test")
+            with self.cached_shifts():
+                res = self.evaluate(trainer, coef, dm, split="test")
             out[name] = {"mean_acc": float(np.mean([r["acc"] for r in res.values()])), "per_task": res}
         for g, members in self.groups.items():
             tasks = [self.names[t] for t in members]

@@ -1,0 +1,251 @@
+"""Tangent-space LoRA experts: each expert is linear in its adapter, so a sum of experts is a sum of their effects.
+
+A tangent expert is the first-order Taylor expansion of the label scorer in the LoRA factor B, at B = 0, with the A
+factor a fixed random matrix shared by every expert (seeded, peft's initialisation):
+
+    score(x, label; B) ≈ score₀(x, label) + J(x, label) · vec(B),    ΔW = (alpha / r) · B · A0
+
+(Ortiz-Jiménez et al. 2023, "Task arithmetic in the tangent space"). In this model a merge Σ_t w_t B_t moves every
+label score by exactly Σ_t w_t J·vec(B_t): experts interfere only through what they change on each other's inputs.
+So each expert is also kept from moving other tasks' label scores: `off_task_weight` × the squared, label-centred
+score shift it causes on a pool of other tasks' training prompts (unlabelled), as in tangent-space regularisation
+(Yoshida et al. 2025). Because J does not depend on B, each prompt's label-score Jacobian is computed once (one
+backward pass per label) and kept, after which training is logistic regression on those Jacobians and costs no
+forward pass. The expert is saved as an ordinary peft LoRA adapter (lora_A = A0, lora_B = B) whose expert.yaml says
+`tangent`; `MergeSearch` then scores merges in the tangent model (forward-mode AD through the base model), which is
+not the model peft builds when it loads the adapter (that one applies ΔW inside the network).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memmcl.experts.backbone import Dtype, load_backbone
+from memmcl.experts.expert import DEFAULT_TARGETS, LabelScoringModule
+from memmcl.experts.scoring import _score_chunk
+
+# (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
+# so a prompt that is one expert's training example and another's off-task prompt is differentiated once.
+_JACOBIANS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def clear_jacobians() -> None:
+    """Drops every kept Jacobian."""
+    _JACOBIANS.clear()
+
+
+class TangentLinear(nn.Module):
+    """A frozen linear layer plus the tangent adapter path scale · B (A0 x), with B set per example (`per_example`,
+    [N, out, r], for per-example Jacobians) or absent (the base layer)."""
+
+    def __init__(self, base: nn.Linear, a0: torch.Tensor, scale: float):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.register_buffer("a0", a0.to(base.weight), persistent=False)
+        self.per_example: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.per_example
+        if b is None:
+            return y
+        u = x @ self.a0.T  # [N, T, r]
+        if b.shape[0] == 1:  # one example: its rows (prompt, answer continuations) all share its B
+            return y + self.scale * (u @ b[0].T)
+        return y + self.scale * torch.einsum("ntr,nor->nto", u, b)
+
+
+def shared_a0(model: nn.Module, targets: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Returns the fixed A factor of every targeted linear layer: uniform(±1/sqrt(in)) (peft's LoRA A initialisation),
+    drawn from `seed` in module-name order, so every expert of a run shares it."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in sorted(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            bound = 1.0 / math.sqrt(module.in_features)
+            out[name] = (torch.rand(rank, module.in_features, generator=generator) * 2 - 1) * bound
+    if not out:
+        raise ValueError(f"target_modules {targets}: no linear layer of the backbone has one of these names")
+    return out
+
+
+class TangentSpace(nn.Module):
+    """The frozen backbone with the shared A0 on every target layer; returns label scores and their Jacobians in B."""
+
+    def __init__(self, model: nn.Module, targets: list[str], rank: int, alpha: float, seed: int):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.rank, self.scale, self.seed = rank, alpha / rank, seed
+        self.layers: dict[str, TangentLinear] = {}
+        for name, a0 in shared_a0(model, targets, rank, seed).items():
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            layer = TangentLinear(getattr(holder, child), a0, self.scale)
+            setattr(holder, child, layer)
+            self.layers[name] = layer
+        self.sizes = [layer.base.out_features * rank for layer in self.layers.values()]
+        self.n_params = sum(self.sizes)
+
+    def key(self) -> tuple:
+        return (id(self.model), self.rank, self.scale, self.seed, tuple(self.layers))
+
+    def factors(self, b: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns {module: (A0 [r, in], B [out, r])} of a flat parameter vector b."""
+        out = {}
+        for (name, layer), part in zip(self.layers.items(), b.split(self.sizes), strict=True):
+            out[name] = (layer.a0, part.view(layer.base.out_features, self.rank))
+        return out
+
+    def jacobians(self, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int,
+                  chunk_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns per example (label scores at B = 0 [L], their Jacobian in vec(B) [L, P]), L its own labels;
+        kept per process, so a prompt is differentiated once."""
+        space = self.key()
+        keys = [(space, tuple(p), tuple(map(tuple, a))) for p, a in zip(prompts, answers, strict=True)]
+        missing = list(dict.fromkeys(k for k in keys if k not in _JACOBIANS))
+        # whole left-padded sequences with one B per row; answers of several tokens continue from a key/value
+        # cache in rows the per-row B cannot follow, so those prompts go one at a time
+        single = [k for k in missing if all(len(a) == 1 for a in k[2])]
+        chunks = [single[i : i + chunk_size] for i in range(0, len(single), chunk_size)]
+        chunks += [[k] for k in missing if k not in set(single)]
+        for chunk in chunks:
+            for key, value in zip(chunk, self._chunk_jacobians(chunk, pad_id), strict=True):
+                _JACOBIANS[key] = value
+        return [_JACOBIANS[k] for k in keys]
+
+    def _chunk_jacobians(self, chunk: list[tuple], pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n_labels = [len(k[2]) for k in chunk]
+        try:  # Jacobians are also taken inside validate / test / predict (inference mode)
+            with torch.inference_mode(False), torch.enable_grad():
+                bs = {}
+                for name, layer in self.layers.items():
+                    bs[name] = torch.zeros(len(chunk), layer.base.out_features, self.rank, requires_grad=True,
+                                           device=layer.a0.device)
+                    layer.per_example = bs[name]
+                device = next(self.model.parameters()).device
+                scores = _score_chunk(self.model, [list(k[1]) for k in chunk], [[list(a) for a in k[2]] for k in chunk],
+                                      pad_id, max(n_labels), device, share_prefix=False)
+                rows = []
+                for label in range(max(n_labels)):
+                    present = torch.tensor([label < n for n in n_labels])
+                    total = scores[present, label].sum()
+                    grads = torch.autograd.grad(total, list(bs.values()), retain_graph=label < max(n_labels) - 1)
+                    rows.append(torch.cat([g.flatten(1) for g in grads], dim=1).cpu())  # [N, P]
+        finally:
+            for layer in self.layers.values():
+                layer.per_example = None
+        jac = torch.stack(rows, dim=1)  # [N, L, P]
+        return [(scores[i, : n].detach(), jac[i, : n].clone()) for i, n in enumerate(n_labels)]
+
+
+class TangentExpert(LabelScoringModule):
+    """A tangent-space LoRA expert (see the module docstring): label scores score₀ + J·b, b = vec(B) trained.
+
+    Args:
+        backbone, dtype: as `LoRAExpert`.
+        lora_r, lora_alpha, target_modules: the adapter (A0 of rank r on every target, scaling alpha / r).
+        a0_seed: the seed of the shared A0 (every expert of a merge must use the same one).
+        lr, weight_decay: Adam (constant rate; the objective is convex).
+        off_task_weight: weight of the off-task penalty (0: none); its prompts come from `set_off_task`.
+        off_task_batch: off-task prompts per other task in each step's penalty (a seeded draw from the pool).
+        export_dir: where `fit` writes the expert (peft adapter + expert.yaml); default `<log_dir>/expert`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        dtype: Dtype = "float32",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        target_modules: list[str] | None = None,
+        a0_seed: int = 0,
+        lr: float = 0.05,
+        weight_decay: float = 0.0,
+        off_task_weight: float = 1.0,
+        off_task_batch: int = 8,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        base, tokenizer = load_backbone(backbone, dtype)
+        self.pad_id = tokenizer.pad_token_id
+        self.space = TangentSpace(base, list(target_modules or DEFAULT_TARGETS), lora_r, lora_alpha, a0_seed)
+        self.model = self.space.model
+        self.b = nn.Parameter(torch.zeros(self.space.n_params))
+        self.off_task: dict[str, list[tuple[list[int], list[list[int]]]]] = {}
+        self._pool: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._off_generator = torch.Generator().manual_seed(a0_seed)
+
+    def set_off_task(self, prompts: dict[str, list[tuple[list[int], list[list[int]]]]]) -> None:
+        """Sets the off-task pool: {task: [(prompt ids, label answers' ids), ...]} of other tasks' training prompts
+        (a task the expert trains on is skipped)."""
+        self.off_task = {t: items for t, items in prompts.items() if items}
+        self._pool: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _features(self, prompts, answers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (score₀ [N, L], J [N, L, P], present [N, L]) padded to the batch's most labels."""
+        pairs = self.space.jacobians(prompts, answers, self.pad_id)
+        L = max(len(s) for s, _ in pairs)
+        s0 = torch.full((len(pairs), L), float("-inf"))
+        jac = torch.zeros(len(pairs), L, self.space.n_params)
+        for i, (s, j) in enumerate(pairs):
+            s0[i, : len(s)], jac[i, : len(s)] = s, j
+        return s0.to(self.device), jac.to(self.device), torch.isfinite(s0).to(self.device)
+
+    def predict_scores(self, batch: dict, b: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns [B, max labels] label scores score₀ + J·b in the tangent model (b: this expert's, unless given)."""
+        s0, jac, present = self._features(batch["prompt"], batch["answers"])
+        return torch.where(present, s0 + jac @ (self.b if b is None else b).detach(), s0)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        s0, jac, present = self._features(batch["prompt"], batch["answers"])
+        scores = torch.where(present, s0 + jac @ self.b, torch.finfo(s0.dtype).min)
+        loss = F.cross_entropy(scores, batch["label"].to(self.device))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        own = {self.specs[t].name for t in batch["task"].tolist()}
+        others = [t for t in self.off_task if t not in own]
+        if self.hparams.off_task_weight > 0 and others:
+            penalty = 0.0
+            for t in others:
+                if t not in self._pool:  # the pool's Jacobians, stacked once
+                    self._pool[t] = self._features([p for p, _ in self.off_task[t]], [a for _, a in self.off_task[t]])
+                _, pool_jac, pool_present = self._pool[t]
+                pick = torch.randperm(len(pool_jac), generator=self._off_generator)[: self.hparams.off_task_batch]
+                ojac, opresent = pool_jac[pick.to(self.device)], pool_present[pick.to(self.device)]
+                shift = torch.where(opresent, ojac @ self.b, 0.0)
+                centred = (shift - shift.sum(-1, keepdim=True) / opresent.sum(-1, keepdim=True)) * opresent
+                penalty = penalty + centred.pow(2).sum() / opresent.sum()
+            penalty = penalty / len(others)
+            self.log("train/off_task", penalty, batch_size=len(batch["label"]))
+            loss = loss + self.hparams.off_task_weight * penalty
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.b], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return type(full)((k, v) for k, v in full.items() if k.removeprefix(prefix) == "b")
+
+    def on_fit_end(self) -> None:
+        import os
+
+        out = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "expert")
+        self.save_expert(out)
+
+    def save_expert(self, out_dir):
+        """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `tangent`."""
+        from memmcl.experts.expert import save_lora_factors
+
+        h = self.hparams
+        factors = {name: (a.cpu(), b.detach().cpu()) for name, (a, b) in self.space.factors(self.b).items()}
+        tangent = {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}
+        return save_lora_factors(out_dir, factors, h.lora_r, h.lora_alpha, h.backbone, self.specs, tangent=tangent)
+
+

@@ -1,0 +1,153 @@
+"""Tangent-space experts: Jacobians, training, saving, and the merge search scoring them in the tangent model."""
+
+import lightning as L
+import pytest
+import torch
+
+from memmcl.datamodule import MultiTaskDataModule
+from memmcl.experts.expert import ExpertError, LoRAExpert
+from memmcl.experts.scoring import score_labels
+from memmcl.experts.tangent import TangentExpert, clear_jacobians
+from memmcl.merging.multilora import MergeError
+from memmcl.merging.search import MergeSearch
+from memmcl.pipeline import ExpertConfig, MergeConfig, Pipeline, PipelineError
+from memmcl.tasks.spec import load_task_spec
+
+TASKS = ["sc_binary", "sc_5class", "irony"]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def items(tiny_dir, task, split="train", n=12):
+    dm = MultiTaskDataModule([load_task_spec(task)], backbone=str(tiny_dir), max_length=96, seed=0)
+    dm.setup()
+    chosen = dm.items[split][:n]
+    return [it["prompt"] for it in chosen], [it["answers"] for it in chosen]
+
+
+def expert(tiny_dir, **kw) -> TangentExpert:
+    return TangentExpert(backbone=str(tiny_dir), lora_r=2, lora_alpha=4, target_modules=TARGETS, **kw)
+
+
+def scores_with_delta(e: TangentExpert, b: torch.Tensor, prompts, answers) -> torch.Tensor:
+    """Label scores of the network with ΔW = scale · B A0 inside it (the model the tangent model linearises)."""
+    for layer, (_, factor) in zip(e.space.layers.values(), e.space.factors(b).values(), strict=True):
+        layer.per_example = factor[None]
+    try:
+        return score_labels(e.model, prompts, answers, e.pad_id, share_prefix=False)
+    finally:
+        for layer in e.space.layers.values():
+            layer.per_example = None
+
+
+def test_jacobians_are_the_derivative_of_the_label_scores(tiny_dir):
+    clear_jacobians()
+    e = expert(tiny_dir)
+    prompts, answers = items(tiny_dir, "sc_5class")
+    pairs = e.space.jacobians(prompts, answers, e.pad_id)
+    base = score_labels(e.model, prompts, answers, e.pad_id)
+    assert torch.allclose(torch.stack([s for s, _ in pairs]), base, atol=1e-4)
+    torch.manual_seed(0)
+    b = torch.randn(e.space.n_params) * 0.05
+    eps = 1e-2
+    finite = (scores_with_delta(e, eps * b, prompts, answers) - scores_with_delta(e, -eps * b, prompts, answers)) / (2 * eps)
+    linear = torch.stack([j @ b for _, j in pairs])
+    assert torch.allclose(finite, linear, atol=2e-3 * linear.abs().max())
+    # prompts in a batch get the same rows as one at a time
+    clear_jacobians()
+    alone = [e.space.jacobians([p], [a], e.pad_id)[0][1] for p, a in zip(prompts[:3], answers[:3], strict=True)]
+    assert all(torch.allclose(x, y, atol=1e-5) for x, (_, y) in zip(alone, pairs[:3], strict=True))
+
+
+def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir):
+    spec = load_task_spec("irony")
+    dm = MultiTaskDataModule([spec], backbone=str(tiny_dir), max_length=96, seed=0, batch_size=16,
+                             max_train_examples=48, max_eval_examples=16)
+    off_prompts, off_answers = items(tiny_dir, "sc_5class", n=16)
+    shifts = {}
+    for weight in (0.0, 10.0):
+        L.seed_everything(0)
+        e = expert(tiny_dir, off_task_weight=weight, lr=0.05)
+        e.set_off_task({"sc_5class": list(zip(off_prompts, off_answers, strict=True))})
+        trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(e, dm)
+        _, jac, _ = e._features(off_prompts, off_answers)
+        shift = jac @ e.b.detach()
+        shifts[weight] = (shift - shift.mean(-1, keepdim=True)).pow(2).mean().item()
+        train = dm.items["train"]
+        scores = e.predict_scores({"prompt": [it["prompt"] for it in train], "answers": [it["answers"] for it in train]})
+        gold = torch.tensor([it["label"] for it in train])
+        base = e.predict_scores({"prompt": [it["prompt"] for it in train], "answers": [it["answers"] for it in train]},
+                                b=torch.zeros_like(e.b))
+        ce = torch.nn.functional.cross_entropy
+        if weight == 0:  # fitted: the training loss falls well below the base model's
+            assert ce(scores, gold) < 0.8 * ce(base, gold)
+    assert shifts[10.0] < 0.5 * shifts[0.0]
+
+
+@pytest.fixture(scope="module")
+def tangent_experts(tiny_dir, tmp_path_factory):
+    """Tangent experts with random B, saved as the pipeline saves them."""
+    root = tmp_path_factory.mktemp("tangent")
+    dirs = []
+    for i, task in enumerate(TASKS):
+        e = expert(tiny_dir)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            e.b.normal_(std=0.3)
+        e.specs = [load_task_spec(task)]
+        dirs.append(str(e.save_expert(root / task)))
+    return dirs
+
+
+def test_saved_tangent_expert_is_marked_and_not_loaded_as_a_lora_network(tangent_experts):
+    with pytest.raises(ExpertError, match="tangent expert"):
+        LoRAExpert(adapter=tangent_experts[0], backbone="tiny")
+
+
+def test_merge_search_scores_the_tangent_model(tiny_dir, tangent_experts, tmp_path):
+    search = MergeSearch(experts=tangent_experts, out_dir=str(tmp_path), evaluate_test=False)
+    assert search.tangent
+    prompts, answers = items(tiny_dir, "sc_5class", split="test", n=6)
+    # the expert's own scorer (reverse-mode Jacobians) and the search's (forward-mode AD) agree
+    e = expert(tiny_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        e.b.normal_(std=0.3)  # expert 1 of the fixture
+    onehot = torch.tensor([[0.0, 1.0, 0.0]])
+    search.set_coefficients(onehot)
+    direct = search.tangent_scores(prompts, answers)
+    batch = {"prompt": prompts, "answers": answers}
+    assert torch.allclose(direct, e.predict_scores(batch), atol=1e-3)
+    # linear in the genome, and the cached per-expert shifts give the same scores as a pass along the merge
+    genome = torch.tensor([[0.7, -0.4, 1.3]])
+    search.set_coefficients(genome)
+    along = search.tangent_scores(prompts, answers)
+    with search.cached_shifts():
+        cached = search.tangent_scores(prompts, answers)
+    assert torch.allclose(along, cached, atol=1e-3)
+    search.set_coefficients(torch.zeros(1, 3))
+    base = search.tangent_scores(prompts, answers)
+    parts = []
+    for t in range(3):
+        unit = torch.zeros(1, 3)
+        unit[0, t] = genome[0, t]
+        search.set_coefficients(unit)
+        parts.append(search.tangent_scores(prompts, answers) - base)
+    assert torch.allclose(base + sum(parts), along, atol=1e-3)
+    assert not torch.allclose(along, base, atol=1e-2)
+
+
+def test_tangent_and_lora_experts_do_not_mix(tiny_dir, tangent_experts, tmp_path):
+    lora = LoRAExpert(backbone=str(tiny_dir), lora_r=2, target_modules=TARGETS)
+    lora.specs = [load_task_spec("hate")]
+    plain = str(lora.save_expert(tmp_path / "hate"))
+    with pytest.raises(MergeError, match="mixed"):
+        MergeSearch(experts=[*tangent_experts, plain], out_dir=str(tmp_path / "m"))
+    with pytest.raises(MergeError, match="linear"):
+        MergeSearch(experts=tangent_experts, out_dir=str(tmp_path / "m"), method="ties")
+
+
+def test_pipeline_rejects_a_folding_method_with_tangent_experts(tmp_path):
+    with pytest.raises(PipelineError, match="merge.method"):
+        Pipeline(root=str(tmp_path), tasks=TASKS, expert=ExpertConfig(tangent=True), merge=MergeConfig(method="ties"))
