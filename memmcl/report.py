@@ -172,6 +172,11 @@ def write_report(run_dir: str | Path) -> Path:
     groups = results["groups"]
     lines = [f"# MEM-MCL report: `{run_dir}`", "",
              f"Backbone `{genome.get('backbone')}`, {len(groups)} tasks, merge method `{genome.get('method')}`."]
+    if genome.get("tangent"):
+        lines.append("Tangent experts (`expert.tangent`): each expert, merge and multi-task adapter of this table is "
+                     "scored in the tangent model, the backbone's first-order expansion in the adapter; the multi-task "
+                     "rows are one tangent adapter trained on every task. peft loading an exported adapter builds a "
+                     "different model (the delta inside the network).")
     if phases:
         lines.append(f"Wall time of the latest run: {phases.get('wall_seconds')} s.")
     if results.get("max_eval_examples"):

@@ -58,6 +58,10 @@ class LabelScoringModule(L.LightningModule):
             for split in ("val", "test")
         })
 
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Moves the batch's tensors; its token-id lists stay as they are (Lightning's default walks every int)."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def predict_scores(self, batch: dict) -> torch.Tensor:
         """Returns [B, max labels] answer log-likelihoods for a batch (the shared label scorer)."""
         return score_labels(self.model, batch["prompt"], batch["answers"], self.pad_id).to(self.device)

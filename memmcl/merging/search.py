@@ -47,6 +47,7 @@ from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 GENOME_FILE = "best_genome.yaml"
+TANGENT_EVAL_BATCH = 512
 
 
 class MergeSearch(LabelScoringModule):
@@ -181,8 +182,11 @@ class MergeSearch(LabelScoringModule):
 
     def datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
         h = self.hparams
+        # tangent experts: a batch of cached shifts costs one small product whatever its size (the model runs in
+        # chunks of `score_labels`), so fewer, larger batches cut the evaluation loop's per-batch overhead
+        batch_size = max(h.eval_batch_size, TANGENT_EVAL_BATCH) if self.tangent else h.eval_batch_size
         return MultiTaskDataModule(specs, backbone=self.backbone, max_length=h.max_length, seed=h.seed,
-                                   eval_batch_size=h.eval_batch_size, predict_split=predict_split,
+                                   eval_batch_size=batch_size, predict_split=predict_split,
                                    max_train_examples=h.max_train_examples)
 
     def set_coefficients(self, coef: torch.Tensor) -> None:
@@ -228,16 +232,16 @@ class MergeSearch(LabelScoringModule):
                         value, shifts[:, k, t] = run(ps, ans)
             finally:
                 self.model.set_genome(genome)
+            width = max(s.n_classes for s in self.expert_specs)  # stored at one width, so a batch stacks them
             for row, i in enumerate(missing):
                 n = len(answers[i])
-                self._shifts[keys[i]] = (value[row, :n].clone(), shifts[row, ..., :n].clone())
+                v, d = torch.full((width,), float("-inf")), torch.zeros(K, T, width)
+                v[:n], d[..., :n] = value[row, :n], shifts[row, ..., :n]
+                self._shifts[keys[i]] = (v, d)
         n_labels = max(map(len, answers))
-        value = torch.full((len(keys), n_labels), float("-inf"))
-        shifts = torch.zeros(len(keys), *self.model.genome.shape, n_labels)
-        for i, k in enumerate(keys):
-            v, d = self._shifts[k]
-            value[i, : len(v)], shifts[i, ..., : len(v)] = v, d
-        return value + torch.einsum("nktl,kt->nl", shifts, self.model.genome.cpu())
+        value = torch.stack([self._shifts[k][0] for k in keys])
+        shifts = torch.stack([self._shifts[k][1] for k in keys])
+        return (value + torch.einsum("nktl,kt->nl", shifts, self.model.genome.cpu()))[:, :n_labels]
 
     @contextlib.contextmanager
     def cached_shifts(self):
