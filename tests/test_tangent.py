@@ -151,3 +151,29 @@ def test_tangent_and_lora_experts_do_not_mix(tiny_dir, tangent_experts, tmp_path
 def test_pipeline_rejects_a_folding_method_with_tangent_experts(tmp_path):
     with pytest.raises(PipelineError, match="merge.method"):
         Pipeline(root=str(tmp_path), tasks=TASKS, expert=ExpertConfig(tangent=True), merge=MergeConfig(method="ties"))
+
+
+def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
+    from memmcl.pipeline import DemoConfig, TrainerConfig
+
+    run = Pipeline(name="tangent", root=str(tmp_path), backbone=str(tiny_dir), tasks=TASKS, max_length=64,
+                   max_eval_examples=12,
+                   expert=ExpertConfig(tangent=True, lora_r=2, lora_alpha=4, target_modules=TARGETS, lr=0.05,
+                                       max_epochs=2, batch_size=8, max_train_examples=24, off_task_prompts=4,
+                                       off_task_batch=2),
+                   merge=MergeConfig(population=3, generations=1, max_weak_examples=6, min_weak_examples=4),
+                   demonstrations=DemoConfig(k=1, max_length=128, seeds=1, orders=["curriculum"]),
+                   trainer=TrainerConfig(progress_bar=False))
+    results = run.run()
+    root = tmp_path / "tangent"
+    import yaml
+
+    for task in TASKS:
+        assert yaml.safe_load((root / "experts" / task / "expert" / "expert.yaml").read_text())["tangent"]
+    assert yaml.safe_load((root / "merge" / "merged" / "expert.yaml").read_text())["tangent"]
+    assert yaml.safe_load((root / "merge" / "best_genome.yaml").read_text())["tangent"]
+    models = results["models"]
+    assert set(models["evolved_global+icl"]) == set(TASKS)
+    # the experts moved the scores: the uniform merge and the experts do not all equal the base model
+    assert any(models[m][t]["acc"] != models["base"][t]["acc"] for m in ("uniform", "expert") for t in TASKS)
+    assert "Tangent experts" in (root / "report" / "report.md").read_text()
