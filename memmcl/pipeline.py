@@ -43,7 +43,7 @@ from memmcl.datamodule import MultiTaskDataModule
 from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
-from memmcl.experts.tangent import TangentExpert
+from memmcl.experts.tangent import TangentExpert, clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
 from memmcl.merging.weak import mine_weak_data
@@ -403,6 +403,7 @@ class Pipeline:
         self.in_workers([(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
                          if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)])
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
+        clear_jacobians()  # tangent experts' training features: not needed past this point
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
         expert_keys = {s.name: [self.expert_key(s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]

@@ -19,6 +19,8 @@ not the model peft builds when it loads the adapter (that one applies ΔW inside
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, LabelScoringModule
+from memmcl.experts.expert import DEFAULT_TARGETS, LabelScoringModule, save_lora_factors
 from memmcl.experts.scoring import _score_chunk
 
 # (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
@@ -149,7 +151,7 @@ class TangentExpert(LabelScoringModule):
     Args:
         backbone, dtype: as `LoRAExpert`.
         lora_r, lora_alpha, target_modules: the adapter (A0 of rank r on every target, scaling alpha / r).
-        a0_seed: the seed of the shared A0 (every expert of a merge must use the same one).
+        a0_seed: the seed of the shared A0 (the pipeline gives every expert of a run the same one).
         lr, weight_decay: Adam (constant rate; the objective is convex).
         off_task_weight: weight of the off-task penalty (0: none); its prompts come from `set_off_task`.
         off_task_batch: off-task prompts per other task in each step's penalty (a seeded draw from the pool).
@@ -234,15 +236,11 @@ class TangentExpert(LabelScoringModule):
         return type(full)((k, v) for k, v in full.items() if k.removeprefix(prefix) == "b")
 
     def on_fit_end(self) -> None:
-        import os
-
         out = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "expert")
         self.save_expert(out)
 
-    def save_expert(self, out_dir):
+    def save_expert(self, out_dir: str | os.PathLike) -> Path:
         """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `tangent`."""
-        from memmcl.experts.expert import save_lora_factors
-
         h = self.hparams
         factors = {name: (a.cpu(), b.detach().cpu()) for name, (a, b) in self.space.factors(self.b).items()}
         tangent = {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}
