@@ -6,7 +6,7 @@ import torch
 
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.expert import ExpertError, LoRAExpert
-from memmcl.experts.scoring import score_labels
+from memmcl.experts.scoring import continuation_rows, score_labels
 from memmcl.experts.tangent import TangentExpert, clear_jacobians
 from memmcl.merging.multilora import MergeError
 from memmcl.merging.search import MergeSearch
@@ -30,19 +30,23 @@ def expert(tiny_dir, **kw) -> TangentExpert:
 
 def scores_with_delta(e: TangentExpert, b: torch.Tensor, prompts, answers) -> torch.Tensor:
     """Label scores of the network with ΔW = scale · B A0 inside it (the model the tangent model linearises)."""
+    rows = torch.tensor([i for i, _ in continuation_rows(answers)], dtype=torch.long)
     for layer, (_, factor) in zip(e.space.layers.values(), e.space.factors(b).values(), strict=True):
-        layer.per_example = factor[None]
+        layer.per_example, layer.continuation_example, layer.calls = factor.expand(len(prompts), -1, -1), rows, 0
     try:
-        return score_labels(e.model, prompts, answers, e.pad_id, share_prefix=False)
+        return score_labels(e.model, prompts, answers, e.pad_id, share_prefix=False, chunk_size=len(prompts))
     finally:
         for layer in e.space.layers.values():
             layer.per_example = None
 
 
-def test_jacobians_are_the_derivative_of_the_label_scores(tiny_dir):
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_jacobians_are_the_derivative_of_the_label_scores(tiny_dir, multi_token):
     clear_jacobians()
     e = expert(tiny_dir)
     prompts, answers = items(tiny_dir, "sc_5class")
+    if multi_token:  # answers of several tokens, two sharing a continuation, continue the prompts in extra rows
+        answers = [[[40, 41, 42], [40, 41, 43], [44], [45, 46 + i % 3]] for i in range(len(prompts))]
     pairs = e.space.jacobians(prompts, answers, e.pad_id)
     base = score_labels(e.model, prompts, answers, e.pad_id)
     assert torch.allclose(torch.stack([s for s, _ in pairs]), base, atol=1e-4)

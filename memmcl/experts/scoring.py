@@ -226,15 +226,23 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
     return scores
 
 
-def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool,
-                 reuse_prefix: bool | None = None) -> torch.Tensor:
-    # Multi-token answers continue the prompt with all of their tokens but the last; labels whose continuation is
-    # the same ("very negative" / "very positive": "very") share one row.
+def continuation_rows(answers: list[list[list[int]]]) -> dict[tuple[int, tuple[int, ...]], int]:
+    """Returns {(example, continuation tokens): row} of the rows that continue prompts with multi-token answers.
+
+    A multi-token answer continues its prompt with all of its tokens but the last; labels whose continuation is the
+    same ("very negative" / "very positive": "very") share one row. Rows are numbered in example order.
+    """
     rows: dict[tuple[int, tuple[int, ...]], int] = {}
     for i, example in enumerate(answers):
         for a in example:
             if len(a) > 1:
                 rows.setdefault((i, tuple(a[:-1])), len(rows))
+    return rows
+
+
+def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool,
+                 reuse_prefix: bool | None = None) -> torch.Tensor:
+    rows = continuation_rows(answers)
     continuations = [(i, list(c)) for i, c in rows]
     last, later_logits = _run(model, prompts, pad_id, device, keep=1, continuations=continuations,
                               share_prefix=share_prefix,

@@ -29,7 +29,7 @@ from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.expert import DEFAULT_TARGETS, LabelScoringModule, save_lora_factors
-from memmcl.experts.scoring import _score_chunk
+from memmcl.experts.scoring import _score_chunk, continuation_rows
 
 # (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
 # so a prompt that is one expert's training example and another's off-task prompt is differentiated once.
@@ -43,23 +43,28 @@ def clear_jacobians() -> None:
 
 class TangentLinear(nn.Module):
     """A frozen linear layer plus the tangent adapter path scale · B (A0 x), with B set per example (`per_example`,
-    [N, out, r], for per-example Jacobians) or absent (the base layer)."""
+    [N, out, r], for per-example Jacobians) or absent (the base layer).
+
+    Label scoring on whole sequences runs the model once over the prompts (row i: example i) and, for answers of
+    several tokens, once more over continuation rows (`continuation_example[j]`: the example row j continues)."""
 
     def __init__(self, base: nn.Linear, a0: torch.Tensor, scale: float):
         super().__init__()
         self.base, self.scale = base, scale
         self.register_buffer("a0", a0.to(base.weight), persistent=False)
         self.per_example: torch.Tensor | None = None
+        self.continuation_example: torch.Tensor | None = None
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         b = self.per_example
         if b is None:
             return y
-        u = x @ self.a0.T  # [N, T, r]
-        if b.shape[0] == 1:  # one example: its rows (prompt, answer continuations) all share its B
-            return y + self.scale * (u @ b[0].T)
-        return y + self.scale * torch.einsum("ntr,nor->nto", u, b)
+        if self.calls > 0:  # the continuation rows' forward
+            b = b[self.continuation_example]
+        self.calls += 1
+        return y + self.scale * torch.einsum("ntr,nor->nto", x @ self.a0.T, b)
 
 
 def shared_a0(model: nn.Module, targets: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -110,12 +115,7 @@ class TangentSpace(nn.Module):
         space = self.key()
         keys = [(space, tuple(p), tuple(map(tuple, a))) for p, a in zip(prompts, answers, strict=True)]
         missing = list(dict.fromkeys(k for k in keys if k not in _JACOBIANS))
-        # whole left-padded sequences with one B per row; answers of several tokens continue from a key/value
-        # cache in rows the per-row B cannot follow, so those prompts go one at a time
-        single = [k for k in missing if all(len(a) == 1 for a in k[2])]
-        chunks = [single[i : i + chunk_size] for i in range(0, len(single), chunk_size)]
-        chunks += [[k] for k in missing if k not in set(single)]
-        for chunk in chunks:
+        for chunk in (missing[i : i + chunk_size] for i in range(0, len(missing), chunk_size)):
             for key, value in zip(chunk, self._chunk_jacobians(chunk, pad_id), strict=True):
                 _JACOBIANS[key] = value
         return [_JACOBIANS[k] for k in keys]
@@ -124,14 +124,17 @@ class TangentSpace(nn.Module):
         n_labels = [len(k[2]) for k in chunk]
         try:  # Jacobians are also taken inside validate / test / predict (inference mode)
             with torch.inference_mode(False), torch.enable_grad():
+                answers = [[list(a) for a in k[2]] for k in chunk]
+                device = next(self.model.parameters()).device
+                rows = torch.tensor([i for i, _ in continuation_rows(answers)], dtype=torch.long, device=device)
                 bs = {}
                 for name, layer in self.layers.items():
                     bs[name] = torch.zeros(len(chunk), layer.base.out_features, self.rank, requires_grad=True,
                                            device=layer.a0.device)
-                    layer.per_example = bs[name]
-                device = next(self.model.parameters()).device
-                scores = _score_chunk(self.model, [list(k[1]) for k in chunk], [[list(a) for a in k[2]] for k in chunk],
-                                      pad_id, max(n_labels), device, share_prefix=False)
+                    layer.per_example, layer.continuation_example, layer.calls = bs[name], rows, 0
+                # whole sequences, so that row i of the prompts' forward is example i
+                scores = _score_chunk(self.model, [list(k[1]) for k in chunk], answers, pad_id, max(n_labels), device,
+                                      share_prefix=False)
                 rows = []
                 for label in range(max(n_labels)):
                     present = torch.tensor([label < n for n in n_labels])
