@@ -62,7 +62,7 @@ def test_jacobians_are_the_derivative_of_the_label_scores(tiny_dir, multi_token)
     assert all(torch.allclose(x, y, atol=1e-5) for x, (_, y) in zip(alone, pairs[:3], strict=True))
 
 
-def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir):
+def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir, tmp_path):
     spec = load_task_spec("irony")
     dm = MultiTaskDataModule([spec], backbone=str(tiny_dir), max_length=96, seed=0, batch_size=16,
                              max_train_examples=48, max_eval_examples=16)
@@ -70,11 +70,12 @@ def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir
     shifts = {}
     for weight in (0.0, 10.0):
         L.seed_everything(0)
-        e = expert(tiny_dir, off_task_weight=weight, lr=0.05)
+        e = expert(tiny_dir, off_task_weight=weight, lr=0.05, export_dir=str(tmp_path / f"expert{weight}"))
         e.set_off_task({"sc_5class": list(zip(off_prompts, off_answers, strict=True))})
         trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(e, dm)
+        assert (tmp_path / f"expert{weight}" / "expert.yaml").exists()  # fit exports the expert where it was told
         _, jac, _ = e._features(off_prompts, off_answers)
         shift = jac @ e.b.detach()
         shifts[weight] = (shift - shift.mean(-1, keepdim=True)).pow(2).mean().item()
