@@ -218,32 +218,6 @@ class LoRAExpert(LabelScoringModule):
         return out_dir
 
 
-@rank_zero_only
-def save_lora_factors(out_dir: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int,
-                      alpha: float, backbone: str, specs: list[TaskSpec], **meta) -> Path:
-    """Writes LoRA factors {module: (A [r, in], B [out, r])} as a peft adapter (scaling alpha / r) plus expert.yaml
-    (backbone, task specs and `meta`) into `out_dir`, atomically; returns it."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=backbone)
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-
-    def write(tmp: Path) -> None:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        record = {"backbone": backbone, "tasks": [s.to_dict() for s in specs], **meta}
-        (tmp / EXPERT_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
-
-    atomic_save_dir(out_dir, write, replace=True)
-    return out_dir
-
-
 def check_expert_dir(path: str | os.PathLike) -> dict:
     """Returns the expert.yaml of a saved expert directory; errors name the path and what was expected."""
     path = Path(path)

@@ -25,11 +25,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, LabelScoringModule, save_lora_factors
+from memmcl.experts.expert import DEFAULT_TARGETS, EXPERT_FILE, LabelScoringModule
 from memmcl.experts.scoring import _score_chunk, continuation_rows
+from memmcl.merging.multilora import write_lora_adapter
+from memmcl.rundir import atomic_save_dir
 
 # (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
 # so a prompt that is one expert's training example and another's off-task prompt is differentiated once.
@@ -242,11 +246,21 @@ class TangentExpert(LabelScoringModule):
         out = self.hparams.export_dir or os.path.join(self.trainer.log_dir or ".", "expert")
         self.save_expert(out)
 
+    @rank_zero_only
     def save_expert(self, out_dir: str | os.PathLike) -> Path:
-        """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `tangent`."""
+        """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `tangent`,
+        atomically; returns `out_dir`."""
         h = self.hparams
-        factors = {name: (a.cpu(), b.detach().cpu()) for name, (a, b) in self.space.factors(self.b).items()}
-        tangent = {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}
-        return save_lora_factors(out_dir, factors, h.lora_r, h.lora_alpha, h.backbone, self.specs, tangent=tangent)
+        factors = {name: (a, b.detach()) for name, (a, b) in self.space.factors(self.b).items()}
+        meta = {"backbone": h.backbone, "tasks": [s.to_dict() for s in self.specs],
+                "tangent": {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}}
+
+        def write(tmp: Path) -> None:
+            write_lora_adapter(tmp, factors, self.space.scale, h.backbone)
+            (tmp / EXPERT_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+        out_dir = Path(out_dir)
+        atomic_save_dir(out_dir, write, replace=True)
+        return out_dir
 
 

@@ -84,6 +84,34 @@ def read_lora_factors(path: str | Path, name: str | None = None) -> LoRAFactors:
     return LoRAFactors(name or path.name, modules)
 
 
+def write_lora_adapter(out_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                       base_name_or_path: str = "") -> Path:
+    """Writes LoRA factors {module: (A [r, in], B [out, r])} into `out_dir` as a peft adapter whose every module
+    applies scaling · B A (ranks may differ per module); `read_lora_factors` reads it back."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    def alpha(rank: int) -> float:
+        value = rank * scaling
+        return int(value) if float(value).is_integer() else value
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    r = max(ranks.values())
+    config = LoraConfig(r=r, lora_alpha=alpha(r), target_modules=sorted(ranks), lora_dropout=0.0, bias="none",
+                        rank_pattern={n: k for n, k in ranks.items() if k != r},
+                        alpha_pattern={n: alpha(k) for n, k in ranks.items() if k != r},
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_name_or_path)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
+    return out_dir
+
+
 def coefficients_to_yaml(coef: torch.Tensor, names: list[str]) -> dict[str, list[float]]:
     """Returns a [blocks, T] coefficient matrix as `{expert: [per-block weight]}`, the form genome files hold."""
     return {n: [round(float(c), 8) for c in coef[:, t]] for t, n in enumerate(names)}
@@ -271,26 +299,10 @@ class MultiLoRAModel(nn.Module):
     def save_adapter(self, out_dir: str | Path, base_name_or_path: str = "") -> Path:
         """Writes the current linear merge as one peft LoRA adapter, ranks concatenated (exact): scaling 1 and
         B's columns pre-multiplied by their coefficients. Other methods have no low-rank form: use `save_model`."""
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
         if not method_info(self.method).low_rank_export:
             raise MergeError(f"merge method '{self.method}' has no exact low-rank form; export it with save_model")
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ranks = {name: m.rank for name, m in self.wrapped.items()}
-        r = max(ranks.values())
-        config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), lora_dropout=0.0, bias="none",
-                            rank_pattern={n: k for n, k in ranks.items() if k != r},
-                            alpha_pattern={n: k for n, k in ranks.items() if k != r},
-                            task_type="CAUSAL_LM", base_model_name_or_path=base_name_or_path)
-        tensors = {}
-        for name, m in self.wrapped.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (m.lora_b * m.coef().to(m.lora_b)).contiguous().cpu()
-        config.save_pretrained(str(out_dir))
-        save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
-        return out_dir
+        factors = {name: (m.lora_a, m.lora_b * m.coef().to(m.lora_b)) for name, m in self.wrapped.items()}
+        return write_lora_adapter(out_dir, factors, 1.0, base_name_or_path)
 
     @torch.no_grad()
     def save_model(self, out_dir: str | Path, tokenizer=None) -> Path:
