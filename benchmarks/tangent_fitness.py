@@ -64,7 +64,7 @@ def main(rounds: int = 10) -> None:
     def tangent_pass(genome):
         search.set_coefficients(genome)
         for b in batches:
-            search.tangent_scores(b["prompt"], b["answers"])
+            search.tangent_scorer.scores(b["prompt"], b["answers"])
 
     def cached_pass(genome):
         with search.cached_shifts():

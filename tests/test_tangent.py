@@ -121,24 +121,24 @@ def test_merge_search_scores_the_tangent_model(tiny_dir, tangent_experts, tmp_pa
         e.b.normal_(std=0.3)  # expert 1 of the fixture
     onehot = torch.tensor([[0.0, 1.0, 0.0]])
     search.set_coefficients(onehot)
-    direct = search.tangent_scores(prompts, answers)
+    direct = search.tangent_scorer.scores(prompts, answers)
     batch = {"prompt": prompts, "answers": answers}
     assert torch.allclose(direct, e.predict_scores(batch), atol=1e-3)
     # linear in the genome, and the cached per-expert shifts give the same scores as a pass along the merge
     genome = torch.tensor([[0.7, -0.4, 1.3]])
     search.set_coefficients(genome)
-    along = search.tangent_scores(prompts, answers)
+    along = search.tangent_scorer.scores(prompts, answers)
     with search.cached_shifts():
-        cached = search.tangent_scores(prompts, answers)
+        cached = search.tangent_scorer.scores(prompts, answers)
     assert torch.allclose(along, cached, atol=1e-3)
     search.set_coefficients(torch.zeros(1, 3))
-    base = search.tangent_scores(prompts, answers)
+    base = search.tangent_scorer.scores(prompts, answers)
     parts = []
     for t in range(3):
         unit = torch.zeros(1, 3)
         unit[0, t] = genome[0, t]
         search.set_coefficients(unit)
-        parts.append(search.tangent_scores(prompts, answers) - base)
+        parts.append(search.tangent_scorer.scores(prompts, answers) - base)
     assert torch.allclose(base + sum(parts), along, atol=1e-3)
     assert not torch.allclose(along, base, atol=1e-2)
 

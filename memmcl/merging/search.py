@@ -30,7 +30,6 @@ from memmcl.experts.expert import (
     check_expert_dir,
     write_atomic,
 )
-from memmcl.experts.scoring import score_labels
 from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod, method_info
 from memmcl.merging.multilora import (
@@ -41,13 +40,13 @@ from memmcl.merging.multilora import (
     read_lora_factors,
 )
 from memmcl.merging.stage import quiet_progress_bar, run_stage, tune_task_arithmetic
+from memmcl.merging.tangent import TangentScorer
 from memmcl.merging.weak import mine_weak_data
 from memmcl.rundir import atomic_save_dir
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 GENOME_FILE = "best_genome.yaml"
-TANGENT_EVAL_BATCH = 512
 
 
 class MergeSearch(LabelScoringModule):
@@ -152,13 +151,9 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
         self.pad_id = self.tokenizer.pad_token_id
-        if self.tangent:  # forward-mode AD needs attention written in plain ops
-            base.set_attn_implementation("eager")
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
-        self.model.tangent = self.tangent
-        # tangent model: prompt -> (label scores of the base, their shift along each expert's delta per block)
-        self._shifts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cache_shifts = False
+        self.tangent_scorer = TangentScorer(self.model, self.pad_id, max(s.n_classes for s in self.expert_specs)) \
+            if self.tangent else None
         self.out_dir = Path(out_dir)
         self.weak_dir = Path(weak_dir) if weak_dir is not None else self.out_dir / "weak"
         self.strict_loading = False
@@ -182,9 +177,7 @@ class MergeSearch(LabelScoringModule):
 
     def datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
         h = self.hparams
-        # tangent experts: a batch of cached shifts costs one small product whatever its size (the model runs in
-        # chunks of `score_labels`), so fewer, larger batches cut the evaluation loop's per-batch overhead
-        batch_size = max(h.eval_batch_size, TANGENT_EVAL_BATCH) if self.tangent else h.eval_batch_size
+        batch_size = max(h.eval_batch_size, TangentScorer.batch_size) if self.tangent else h.eval_batch_size
         return MultiTaskDataModule(specs, backbone=self.backbone, max_length=h.max_length, seed=h.seed,
                                    eval_batch_size=batch_size, predict_split=predict_split,
                                    max_train_examples=h.max_train_examples)
@@ -194,63 +187,15 @@ class MergeSearch(LabelScoringModule):
         self.model.set_genome(coef, fold=h.fold and not self.tangent, method=h.method, density=h.density, seed=h.seed)
 
     def predict_scores(self, batch: dict) -> torch.Tensor:
-        """The label scorer; for tangent experts, in the tangent model (see `tangent_scores`)."""
-        if not self.tangent:
+        """The label scorer; for tangent experts, in the tangent model (`TangentScorer`)."""
+        if self.tangent_scorer is None:
             return super().predict_scores(batch)
-        return self.tangent_scores(batch["prompt"], batch["answers"]).to(self.device)
+        return self.tangent_scorer.scores(batch["prompt"], batch["answers"]).to(self.device)
 
-    def tangent_scores(self, prompts: list[list[int]], answers: list[list[list[int]]]) -> torch.Tensor:
-        """Returns the tangent model's label scores, score₀ + Σ_{block, t} c_{block, t} · shift_{block, t}.
-
-        Without the shift cache: one forward-mode pass along the current merge's delta. With it (`cached_shifts`),
-        each prompt's per-expert, per-block shifts are computed once (one pass each) and a genome switch then costs
-        one small product per batch: the search's weak data and the test data are scored for many genomes.
-        """
-        def run(ps, ans):
-            return self.model.tangent_pass(lambda: score_labels(self.model, ps, ans, self.pad_id, reuse_prefix=False))
-
-        if not self._cache_shifts:
-            value, shift = run(prompts, answers)
-            return value + shift
-        keys = [(tuple(p), tuple(map(tuple, a))) for p, a in zip(prompts, answers, strict=True)]
-        first: dict[tuple, int] = {}
-        for i, k in enumerate(keys):
-            if k not in self._shifts:
-                first.setdefault(k, i)
-        if first:
-            missing = list(first.values())
-            ps, ans = [prompts[i] for i in missing], [answers[i] for i in missing]
-            genome = self.model.genome.clone()
-            K, T = genome.shape
-            shifts = torch.zeros(len(missing), K, T, max(map(len, ans)))
-            try:
-                for k in range(K):
-                    for t in range(T):
-                        unit = torch.zeros(K, T)
-                        unit[k, t] = 1.0
-                        self.model.set_genome(unit)
-                        value, shifts[:, k, t] = run(ps, ans)
-            finally:
-                self.model.set_genome(genome)
-            width = max(s.n_classes for s in self.expert_specs)  # stored at one width, so a batch stacks them
-            for row, i in enumerate(missing):
-                n = len(answers[i])
-                v, d = torch.full((width,), float("-inf")), torch.zeros(K, T, width)
-                v[:n], d[..., :n] = value[row, :n], shifts[row, ..., :n]
-                self._shifts[keys[i]] = (v, d)
-        n_labels = max(map(len, answers))
-        value = torch.stack([self._shifts[k][0] for k in keys])
-        shifts = torch.stack([self._shifts[k][1] for k in keys])
-        return (value + torch.einsum("nktl,kt->nl", shifts, self.model.genome.cpu()))[:, :n_labels]
-
-    @contextlib.contextmanager
-    def cached_shifts(self):
-        """Within: tangent scores come from per-expert shifts kept per prompt (for data scored under many genomes)."""
-        before, self._cache_shifts = self._cache_shifts, self.tangent
-        try:
-            yield
-        finally:
-            self._cache_shifts = before
+    def cached_shifts(self) -> contextlib.AbstractContextManager:
+        """Within: tangent experts' scores come from per-expert shifts kept per prompt (data scored under many
+        genomes: weak data, the test split); a no-op for LoRA experts."""
+        return self.tangent_scorer.cached() if self.tangent_scorer is not None else contextlib.nullcontext()
 
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
         """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split."""
