@@ -309,6 +309,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.setup()
         return self._metadata
 
+    def sample_prompts(self, split: str, n: int, seed: int) -> dict[str, list[tuple[list[int], list[list[int]]]]]:
+        """Returns {task: (prompt ids, label answers' ids) of n of its encoded `split` items} (all when fewer), a
+        seeded draw; call after `setup`."""
+        pool: dict[str, list] = {s.name: [] for s in self.specs}
+        for item in self.items[split]:
+            pool[self.specs[item["task"]].name].append((item["prompt"], item["answers"]))
+        rng = random.Random(seed)
+        return {t: rng.sample(items, min(len(items), n)) for t, items in pool.items()}
+
     def set_task_weights(self, weights: dict[str, float]) -> None:
         """Sets per-task training sampling weights (by task name; missing tasks get 0) for the next epoch."""
         unknown = set(weights) - set(self.task_names)

@@ -267,21 +267,14 @@ class Pipeline:
         return metrics
 
     def off_task_pool(self) -> dict[str, list[tuple[list[int], list[list[int]]]]]:
-        """Returns {task: (prompt, answers) of `expert.off_task_prompts` of its training prompts}, a seeded draw from
-        the examples its expert trains on; tangent experts are kept from moving other tasks' label scores on them."""
+        """Returns {task: `expert.off_task_prompts` of the training prompts its expert trains on} (a seeded draw, once
+        per process): tangent experts are kept from moving other tasks' label scores on them."""
         if getattr(self, "_off_task_pool", None) is None:
-            import random
-
             dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
                                      max_train_examples=self.expert.max_train_examples, seed=self.seed,
                                      encode_splits=["train"])
             dm.setup()
-            pool: dict[str, list] = {s.name: [] for s in self.specs}
-            for item in dm.items["train"]:
-                pool[self.specs[item["task"]].name].append((item["prompt"], item["answers"]))
-            rng = random.Random(self.seed)
-            self._off_task_pool = {t: rng.sample(items, min(len(items), self.expert.off_task_prompts))
-                                   for t, items in pool.items()}
+            self._off_task_pool = dm.sample_prompts("train", self.expert.off_task_prompts, self.seed)
         return self._off_task_pool
 
     def in_workers(self, jobs: list[tuple[str, Callable, tuple]]) -> None:

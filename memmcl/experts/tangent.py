@@ -30,9 +30,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, EXPERT_FILE, LabelScoringModule
+from memmcl.experts.expert import DEFAULT_TARGETS, EXPERT_FILE, LabelScoringModule, write_lora_adapter
 from memmcl.experts.scoring import _score_chunk, continuation_rows
-from memmcl.merging.multilora import write_lora_adapter
 from memmcl.rundir import atomic_save_dir
 
 # (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
@@ -130,12 +129,12 @@ class TangentSpace(nn.Module):
             with torch.inference_mode(False), torch.enable_grad():
                 answers = [[list(a) for a in k[2]] for k in chunk]
                 device = next(self.model.parameters()).device
-                rows = torch.tensor([i for i, _ in continuation_rows(answers)], dtype=torch.long, device=device)
+                continued = torch.tensor([i for i, _ in continuation_rows(answers)], dtype=torch.long, device=device)
                 bs = {}
                 for name, layer in self.layers.items():
                     bs[name] = torch.zeros(len(chunk), layer.base.out_features, self.rank, requires_grad=True,
                                            device=layer.a0.device)
-                    layer.per_example, layer.continuation_example, layer.calls = bs[name], rows, 0
+                    layer.per_example, layer.continuation_example, layer.calls = bs[name], continued, 0
                 # whole sequences, so that row i of the prompts' forward is example i
                 scores = _score_chunk(self.model, [list(k[1]) for k in chunk], answers, pad_id, max(n_labels), device,
                                       share_prefix=False)
@@ -147,7 +146,7 @@ class TangentSpace(nn.Module):
                     rows.append(torch.cat([g.flatten(1) for g in grads], dim=1).cpu())  # [N, P]
         finally:
             for layer in self.layers.values():
-                layer.per_example = None
+                layer.per_example, layer.continuation_example = None, None
         jac = torch.stack(rows, dim=1)  # [N, L, P]
         return [(scores[i, : n].detach(), jac[i, : n].clone()) for i, n in enumerate(n_labels)]
 
@@ -194,7 +193,7 @@ class TangentExpert(LabelScoringModule):
         """Sets the off-task pool: {task: [(prompt ids, label answers' ids), ...]} of other tasks' training prompts
         (a task the expert trains on is skipped)."""
         self.off_task = {t: items for t, items in prompts.items() if items}
-        self._pool: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._pool = {}
 
     def _features(self, prompts, answers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (score₀ [N, L], J [N, L, P], present [N, L]) padded to the batch's most labels."""
@@ -262,5 +261,4 @@ class TangentExpert(LabelScoringModule):
         out_dir = Path(out_dir)
         atomic_save_dir(out_dir, write, replace=True)
         return out_dir
-
 

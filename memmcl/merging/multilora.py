@@ -23,9 +23,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from memmcl.experts.expert import ADAPTER_WEIGHTS, write_lora_adapter  # noqa: F401  (ADAPTER_WEIGHTS re-exported)
 from memmcl.merging.methods import MergeMethod, merge_deltas, method_info
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -82,34 +82,6 @@ def read_lora_factors(path: str | Path, name: str | None = None) -> LoRAFactors:
     if not modules:
         raise MergeError(f"{weights_file}: no lora_A/lora_B weights found")
     return LoRAFactors(name or path.name, modules)
-
-
-def write_lora_adapter(out_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
-                       base_name_or_path: str = "") -> Path:
-    """Writes LoRA factors {module: (A [r, in], B [out, r])} into `out_dir` as a peft adapter whose every module
-    applies scaling · B A (ranks may differ per module); `read_lora_factors` reads it back."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    def alpha(rank: int) -> float:
-        value = rank * scaling
-        return int(value) if float(value).is_integer() else value
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
-    r = max(ranks.values())
-    config = LoraConfig(r=r, lora_alpha=alpha(r), target_modules=sorted(ranks), lora_dropout=0.0, bias="none",
-                        rank_pattern={n: k for n, k in ranks.items() if k != r},
-                        alpha_pattern={n: alpha(k) for n, k in ranks.items() if k != r},
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_name_or_path)
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS))
-    return out_dir
 
 
 def coefficients_to_yaml(coef: torch.Tensor, names: list[str]) -> dict[str, list[float]]:
