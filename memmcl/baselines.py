@@ -4,8 +4,9 @@ from the first epoch) or a `CurriculumSampler` pacing (tasks opened easy → har
 
     runs/<name>/multitask/<variant>/   expert/ (peft adapter + expert.yaml), test.json (per-task test accuracy / F1)
 
-The adapter has the experts' LoRA settings (r, alpha, lr, batch size, training cap); it trains `multitask.max_epochs`
-epochs of `multitask.samples_per_epoch` samples drawn over the open tasks (default: every training example once per
+The adapter has the experts' LoRA settings (r, alpha, lr, training cap) and their batch size unless
+`multitask.batch_size` is set (tangent experts train on the whole training set per step, a batch too large for all
+tasks at once); it trains `multitask.max_epochs` epochs of `multitask.samples_per_epoch` samples drawn over the open tasks (default: every training example once per
 epoch) and is tested with the same scorer and test sample as every merge.
 """
 
@@ -38,6 +39,8 @@ def variant_name(pacing: str) -> str:
 def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
     expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs")}
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
+    if settings["batch_size"] is None:  # unset: keys as before the option
+        del settings["batch_size"]
     return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
                         settings, pacing, order if pacing != "none" else None, data_hash])
 
@@ -51,7 +54,7 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
         return json.loads((out / "test.json").read_text())
     started, e, m = time.time(), p.expert, p.multitask
     model = p.expert_model(out / "expert")
-    dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=e.batch_size,
+    dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=m.batch_size or e.batch_size,
                              eval_batch_size=p.eval_batch_size, max_train_examples=e.max_train_examples,
                              max_eval_examples=p.max_eval_examples, seed=p.seed, samples_per_epoch=m.samples_per_epoch)
     callbacks = [] if pacing == "none" else [CurriculumSampler(pacing=pacing, order=order,

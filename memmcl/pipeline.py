@@ -163,7 +163,7 @@ class Pipeline:
             return TangentExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                                  target_modules=e.target_modules, a0_seed=self.seed, lr=e.lr,
                                  weight_decay=e.weight_decay, off_task_weight=e.off_task_weight,
-                                 off_task_batch=e.off_task_batch, export_dir=str(export_dir))
+                                 export_dir=str(export_dir))
         return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
                           lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
                           weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
@@ -220,7 +220,7 @@ class Pipeline:
         later are left out, so run directories of earlier versions keep their keys."""
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
         if not settings["tangent"]:
-            for name in ("tangent", "off_task_weight", "off_task_prompts", "off_task_batch"):
+            for name in ("tangent", "off_task_weight", "off_task_prompts"):
                 del settings[name]
         if not settings["demonstrations"]:
             del settings["demonstrations"], settings["demo_share"]
@@ -228,6 +228,8 @@ class Pipeline:
             settings["demo_select"] = self.demos.select
         if not settings["weight_decay"]:
             del settings["weight_decay"]
+        if settings["check_val_every_n_epoch"] == 1:
+            del settings["check_val_every_n_epoch"]
         return settings
 
     def expert_key(self, spec: TaskSpec) -> str:
@@ -256,9 +258,12 @@ class Pipeline:
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,
                                            patience=e.max_epochs + 1, verbose=False))
-        trainer = self._trainer(f"experts/{spec.name}", max_epochs=e.max_epochs, check_val_every_n_epoch=1,
+        trainer = self._trainer(f"experts/{spec.name}", max_epochs=e.max_epochs,
+                                check_val_every_n_epoch=e.check_val_every_n_epoch,
                                 callbacks=callbacks, log_every_n_steps=10)
         trainer.fit(model, dm)
+        if trainer.current_epoch % e.check_val_every_n_epoch:  # trained past the last validation: score the final model
+            trainer.validate(model, dm, verbose=False)
         metrics = {**model.results["val"][spec.name], "epochs": trainer.current_epoch,
                    "seconds": round(time.time() - started, 2), "train_examples": len(dm.examples[spec.name]["train"])}
         write_json(out / "metrics.json", metrics)

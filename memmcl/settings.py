@@ -61,6 +61,7 @@ class ExpertConfig:
     max_epochs: int = 40
     batch_size: int = 16
     stop_at_accuracy: float | None = 0.97
+    check_val_every_n_epoch: int = 1  # validate (and check stop_at_accuracy) every n epochs
     max_train_examples: int | None = None
     gradient_checkpointing: bool = _default(LoRAExpert, "gradient_checkpointing")
     demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
@@ -70,7 +71,6 @@ class ExpertConfig:
     tangent: bool = False
     off_task_weight: float = _default(TangentExpert, "off_task_weight")
     off_task_prompts: int = 32  # the off-task pool: this many training prompts of each other task (seeded draw)
-    off_task_batch: int = _default(TangentExpert, "off_task_batch")
 
 
 @dataclass
@@ -101,11 +101,13 @@ class MergeConfig:
 class MultitaskConfig:
     """Multi-task LoRA baselines (see `memmcl.baselines`): one adapter per pacing in `pacings` (`none`: every task
     from the start; `root` / `linear` / `baby_steps`: the CurriculumSampler, easy → hard), `max_epochs` epochs of
-    `samples_per_epoch` samples (null: every training example once). Empty `pacings`: no baseline."""
+    `samples_per_epoch` samples (null: every training example once) in batches of `batch_size` (null: the experts'
+    `expert.batch_size`). Empty `pacings`: no baseline."""
 
     pacings: list[Pacing] = dataclasses.field(default_factory=list)
     max_epochs: int = 4
     samples_per_epoch: int | None = None
+    batch_size: int | None = None
     start_competence: float = 0.25
 
 
@@ -161,8 +163,9 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(all(x > 0 for x in m.task_arithmetic_scales or ()), "merge.task_arithmetic_scales",
              m.task_arithmetic_scales, "null or scales > 0")
     _require(e.off_task_weight >= 0, "expert.off_task_weight", e.off_task_weight, "a weight >= 0")
-    _require(e.off_task_prompts >= 1 and e.off_task_batch >= 1, "expert.off_task_prompts / off_task_batch",
-             (e.off_task_prompts, e.off_task_batch), "integers >= 1")
+    _require(e.check_val_every_n_epoch >= 1, "expert.check_val_every_n_epoch", e.check_val_every_n_epoch,
+             "an integer >= 1")
+    _require(e.off_task_prompts >= 1, "expert.off_task_prompts", e.off_task_prompts, "an integer >= 1")
     _require(not e.tangent or m.method == "linear", "merge.method", m.method, "linear with expert.tangent: true")
     _require(not e.tangent or e.demonstrations == 0, "expert.demonstrations", e.demonstrations,
              "0 with expert.tangent: true")
@@ -181,6 +184,8 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(mt.max_epochs >= 1, "multitask.max_epochs", mt.max_epochs, "an integer >= 1")
     _require(mt.samples_per_epoch is None or mt.samples_per_epoch >= 1, "multitask.samples_per_epoch",
              mt.samples_per_epoch, "null or an integer >= 1")
+    _require(mt.batch_size is None or mt.batch_size >= 1, "multitask.batch_size", mt.batch_size,
+             "null or an integer >= 1")
     _require(0 < mt.start_competence <= 1, "multitask.start_competence", mt.start_competence, "a share in (0, 1]")
     _require(d.k >= 0, "demonstrations.k", d.k, "an integer >= 0")
     _require(d.seeds >= 1, "demonstrations.seeds", d.seeds, "an integer >= 1")

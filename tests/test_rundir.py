@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memmcl.merging import evolution
-from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, Pipeline, PipelineError
+from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, Pipeline, PipelineError
 from memmcl.rundir import RunDirError, RunLock, sweep_temporaries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,8 @@ def _alive(pid: int) -> bool:
     ({"demonstrations": DemoConfig(k=2, max_length=16)}, r"demonstrations.max_length: expected at least max_length"),
     ({"demonstrations": DemoConfig(select="similar", fixed=True)}, r"demonstrations.fixed: expected false with"),
     ({"expert": ExpertConfig(max_epochs=0)}, r"expert.max_epochs: expected an integer >= 1, got 0"),
+    ({"expert": ExpertConfig(check_val_every_n_epoch=0)}, r"expert.check_val_every_n_epoch: expected an integer >= 1"),
+    ({"multitask": MultitaskConfig(batch_size=0)}, r"multitask.batch_size: expected null or an integer >= 1, got 0"),
     ({"backbone": "./no/such/model"}, r"backbone: ./no/such/model: no such directory"),
 ])
 def test_bad_setting_is_rejected_before_anything_runs(tmp_path, overrides, message):

@@ -1,5 +1,7 @@
 """Tangent-space experts: Jacobians, training, saving, and the merge search scoring them in the tangent model."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -76,12 +78,15 @@ def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir
                             enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(e, dm)
         assert (tmp_path / f"expert{weight}" / "expert.yaml").exists()  # fit exports the expert where it was told
-        _, jac, _ = e._features(off_prompts, off_answers)
+        _, jac, _ = e._stack(off_prompts, off_answers)
         shift = jac @ e.b.detach()
         shifts[weight] = (shift - shift.mean(-1, keepdim=True)).pow(2).mean().item()
         train = dm.items["train"]
         scores = e.predict_scores({"prompt": [it["prompt"] for it in train], "answers": [it["answers"] for it in train]})
         gold = torch.tensor([it["label"] for it in train])
+        flipped = e.predict_scores({"prompt": [it["prompt"] for it in train[::-1]],
+                                    "answers": [it["answers"] for it in train[::-1]]})
+        assert torch.equal(flipped, scores.flip(0))  # a batch of the same prompts in another order: rows follow it
         base = e.predict_scores({"prompt": [it["prompt"] for it in train], "answers": [it["answers"] for it in train]},
                                 b=torch.zeros_like(e.b))
         ce = torch.nn.functional.cross_entropy
@@ -141,6 +146,13 @@ def test_merge_search_scores_the_tangent_model(tiny_dir, tangent_experts, tmp_pa
         parts.append(search.tangent_scorer.scores(prompts, answers) - base)
     assert torch.allclose(base + sum(parts), along, atol=1e-3)
     assert not torch.allclose(along, base, atol=1e-2)
+    # kept shifts (reverse mode, per block and expert) equal forward-mode passes for per-block genomes too
+    blocks = MergeSearch(experts=tangent_experts, out_dir=str(tmp_path / "blocks"), evaluate_test=False, blocks=2)
+    genome = torch.tensor([[0.7, -0.4, 1.3], [0.2, 0.9, -0.6]])
+    blocks.set_coefficients(genome)
+    along = blocks.tangent_scorer.scores(prompts, answers)
+    with blocks.cached_shifts():
+        assert torch.allclose(along, blocks.tangent_scorer.scores(prompts, answers), atol=1e-3)
 
 
 def test_tangent_and_lora_experts_do_not_mix(tiny_dir, tangent_experts, tmp_path):
@@ -159,13 +171,14 @@ def test_pipeline_rejects_a_folding_method_with_tangent_experts(tmp_path):
 
 
 def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
-    from memmcl.pipeline import DemoConfig, TrainerConfig
+    from memmcl.pipeline import DemoConfig, MultitaskConfig, TrainerConfig
 
     run = Pipeline(name="tangent", root=str(tmp_path), backbone=str(tiny_dir), tasks=TASKS, max_length=64,
                    max_eval_examples=12,
                    expert=ExpertConfig(tangent=True, lora_r=2, lora_alpha=4, target_modules=TARGETS, lr=0.05,
-                                       max_epochs=2, batch_size=8, max_train_examples=24, off_task_prompts=4,
-                                       off_task_batch=2),
+                                       max_epochs=3, check_val_every_n_epoch=2, batch_size=64, max_train_examples=24,
+                                       off_task_prompts=4),
+                   multitask=MultitaskConfig(pacings=["none"], max_epochs=1, batch_size=8),
                    merge=MergeConfig(population=3, generations=1, max_weak_examples=6, min_weak_examples=4),
                    demonstrations=DemoConfig(k=1, max_length=128, seeds=1, orders=["curriculum"]),
                    trainer=TrainerConfig(progress_bar=False))
@@ -182,3 +195,9 @@ def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
     # the experts moved the scores: the uniform merge and the experts do not all equal the base model
     assert any(models[m][t]["acc"] != models["base"][t]["acc"] for m in ("uniform", "expert") for t in TASKS)
     assert "Tangent experts" in (root / "report" / "report.md").read_text()
+    # whole-set batches: one step per epoch; a model trained past its last validation is validated once more
+    phases = json.loads((root / "phases.json").read_text())["phases"]
+    assert phases["multitask:multitask"]["samples"] == 2 * 24  # one epoch of both tasks, in batches of 8
+    for task in TASKS:
+        metrics = json.loads((root / "experts" / task / "metrics.json").read_text())
+        assert metrics["epochs"] == 3 and 0 <= metrics["acc"] <= 1

@@ -159,8 +159,8 @@ class TangentExpert(LabelScoringModule):
         lora_r, lora_alpha, target_modules: the adapter (A0 of rank r on every target, scaling alpha / r).
         a0_seed: the seed of the shared A0 (the pipeline gives every expert of a run the same one).
         lr, weight_decay: Adam (constant rate; the objective is convex).
-        off_task_weight: weight of the off-task penalty (0: none); its prompts come from `set_off_task`.
-        off_task_batch: off-task prompts per other task in each step's penalty (a seeded draw from the pool).
+        off_task_weight: weight of the off-task penalty (0: none) over the whole pool `set_off_task` gives, every
+            step: the mean squared, label-centred score shift over each other task's prompts, averaged over tasks.
         export_dir: where `fit` writes the expert (peft adapter + expert.yaml); default `<log_dir>/expert`.
     """
 
@@ -175,7 +175,6 @@ class TangentExpert(LabelScoringModule):
         lr: float = 0.05,
         weight_decay: float = 0.0,
         off_task_weight: float = 1.0,
-        off_task_batch: int = 8,
         export_dir: str | None = None,
     ):
         super().__init__()
@@ -186,8 +185,8 @@ class TangentExpert(LabelScoringModule):
         self.model = self.space.model
         self.b = nn.Parameter(torch.zeros(self.space.n_params))
         self.off_task: dict[str, list[tuple[list[int], list[list[int]]]]] = {}
-        self._pool: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._off_generator = torch.Generator().manual_seed(a0_seed)
+        self._pool: dict[str, torch.Tensor] = {}  # task -> its pool's centred, scaled Jacobian rows
+        self._batches: dict[tuple, tuple[torch.Tensor, ...]] = {}  # recent batches' stacked features (see _features)
 
     def set_off_task(self, prompts: dict[str, list[tuple[list[int], list[list[int]]]]]) -> None:
         """Sets the off-task pool: {task: [(prompt ids, label answers' ids), ...]} of other tasks' training prompts
@@ -195,8 +194,8 @@ class TangentExpert(LabelScoringModule):
         self.off_task = {t: items for t, items in prompts.items() if items}
         self._pool = {}
 
-    def _features(self, prompts, answers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (score₀ [N, L], J [N, L, P], present [N, L]) padded to the batch's most labels."""
+    def _stack(self, prompts, answers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (score₀ [N, L], J [N, L, P], present [N, L]) padded to the most labels of the prompts."""
         pairs = self.space.jacobians(prompts, answers, self.pad_id)
         L = max(len(s) for s, _ in pairs)
         s0 = torch.full((len(pairs), L), float("-inf"))
@@ -205,31 +204,45 @@ class TangentExpert(LabelScoringModule):
             s0[i, : len(s)], jac[i, : len(s)] = s, j
         return s0.to(self.device), jac.to(self.device), torch.isfinite(s0).to(self.device)
 
+    def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the batch's (score₀, J, present) as `_stack`, in an order of its own, and `order` [N]: row k holds
+        batch example order[k]. A batch of the same prompts as a recent one (whole-set training batches, the same
+        validation batches every epoch) reuses its stacked features in whatever order it comes."""
+        contents = [(tuple(p), tuple(map(tuple, a))) for p, a in zip(batch["prompt"], batch["answers"], strict=True)]
+        rows = sorted(range(len(contents)), key=contents.__getitem__)
+        key = tuple(contents[i] for i in rows)
+        if key not in self._batches:
+            if len(self._batches) >= 16:  # shuffled minibatches never repeat: keep only recent ones
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[key] = self._stack([batch["prompt"][i] for i in rows], [batch["answers"][i] for i in rows])
+        return (*self._batches[key], torch.tensor(rows, device=self.device))
+
     def predict_scores(self, batch: dict, b: torch.Tensor | None = None) -> torch.Tensor:
         """Returns [B, max labels] label scores score₀ + J·b in the tangent model (b: this expert's, unless given)."""
-        s0, jac, present = self._features(batch["prompt"], batch["answers"])
-        return torch.where(present, s0 + jac @ (self.b if b is None else b).detach(), s0)
+        s0, jac, present, order = self._features(batch)
+        scores = torch.where(present, s0 + jac @ (self.b if b is None else b).detach(), s0)
+        return torch.empty_like(scores).index_copy_(0, order, scores)
+
+    def _off_task_rows(self, task: str) -> torch.Tensor:
+        """Returns the task pool's label-centred Jacobian rows [rows, P], scaled so that the squared norm of rows·b
+        is the mean squared centred score shift over the pool's (prompt, label) pairs."""
+        if task not in self._pool:
+            _, jac, present = self._stack([p for p, _ in self.off_task[task]], [a for _, a in self.off_task[task]])
+            mask = present.unsqueeze(-1).to(jac.dtype)
+            centred = (jac - (jac * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)) * mask
+            self._pool[task] = centred[present] / present.sum().sqrt()
+        return self._pool[task]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        s0, jac, present = self._features(batch["prompt"], batch["answers"])
+        s0, jac, present, order = self._features(batch)
         scores = torch.where(present, s0 + jac @ self.b, torch.finfo(s0.dtype).min)
-        loss = F.cross_entropy(scores, batch["label"].to(self.device))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        loss = F.cross_entropy(scores, batch["label"].to(self.device)[order])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(order))
         own = {self.specs[t].name for t in batch["task"].tolist()}
         others = [t for t in self.off_task if t not in own]
         if self.hparams.off_task_weight > 0 and others:
-            penalty = 0.0
-            for t in others:
-                if t not in self._pool:  # the pool's Jacobians, stacked once
-                    self._pool[t] = self._features([p for p, _ in self.off_task[t]], [a for _, a in self.off_task[t]])
-                _, pool_jac, pool_present = self._pool[t]
-                pick = torch.randperm(len(pool_jac), generator=self._off_generator)[: self.hparams.off_task_batch]
-                ojac, opresent = pool_jac[pick.to(self.device)], pool_present[pick.to(self.device)]
-                shift = torch.where(opresent, ojac @ self.b, 0.0)
-                centred = (shift - shift.sum(-1, keepdim=True) / opresent.sum(-1, keepdim=True)) * opresent
-                penalty = penalty + centred.pow(2).sum() / opresent.sum()
-            penalty = penalty / len(others)
-            self.log("train/off_task", penalty, batch_size=len(batch["label"]))
+            penalty = sum((self._off_task_rows(t) @ self.b).pow(2).sum() for t in others) / len(others)
+            self.log("train/off_task", penalty, batch_size=len(order))
             loss = loss + self.hparams.off_task_weight * penalty
         return loss
 

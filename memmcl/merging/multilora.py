@@ -13,6 +13,7 @@ weights once per genome (one rank-R GEMM per module), after which the forward co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -114,6 +115,7 @@ class MultiLoRALinear(nn.Module):
         self.offset, self.rank = offset, a.shape[0]
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
         self.register_buffer("w0", None, persistent=False)
+        self.calls = 0  # forwards since `MultiLoRAModel.per_example_coefficients` began (1: the continuation rows)
 
     def coef(self) -> torch.Tensor:
         return self._owner[0].coef[self.offset : self.offset + self.rank]
@@ -125,6 +127,13 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         owner = self._owner[0]
+        if owner.per_example is not None:  # per-example coefficients (rows of continuations follow their example)
+            coef, continued = owner.per_example
+            coef = coef[:, self.offset : self.offset + self.rank]
+            if self.calls > 0:
+                coef = coef[continued]
+            self.calls += 1
+            return y + ((x @ self.lora_a.T) * coef[:, None, :].to(x)) @ self.lora_b.T
         if owner.tangent:  # the first-order model: the merged delta moves only the tangent, W0 ẋ + ΔW x
             if not owner.dual:
                 raise MergeError("tangent experts are scored in the tangent model: run them through MultiLoRAModel.tangent_pass")
@@ -157,6 +166,7 @@ class MultiLoRAModel(nn.Module):
         self.folded, self.method, self.density, self.method_seed = False, "linear", 0.5, 0
         # tangent experts (`memmcl.experts.tangent`): scored in the base model's first-order expansion, in a dual pass
         self.tangent, self.dual = False, False
+        self.per_example: tuple[torch.Tensor, torch.Tensor] | None = None  # see per_example_coefficients
         modules = dict(model.named_modules())
         n_layers = 1 + max((int(m.group(1)) for n in modules if (m := _LAYER.search(n + "."))), default=0)
         if not 1 <= n_blocks <= n_layers:
@@ -220,6 +230,19 @@ class MultiLoRAModel(nn.Module):
             finally:
                 self.dual = False
         return out.primal, out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
+
+    @contextlib.contextmanager
+    def per_example_coefficients(self, coef: torch.Tensor, continued: torch.Tensor):
+        """Within: example i of a forward over whole sequences runs with its own coefficient vector `coef[i]`
+        ([N, ranks], the layout of `self.coef`), the genome aside; in a second forward (continuation rows of
+        multi-token answers) row j runs with `coef[continued[j]]`. For reverse-mode derivatives in the coefficients."""
+        self.per_example = (coef, continued)
+        for m in self.wrapped.values():
+            m.calls = 0
+        try:
+            yield
+        finally:
+            self.per_example = None
 
     @torch.no_grad()
     def set_genome(self, genome, fold: bool = False, method: MergeMethod = "linear", density: float = 0.5, seed: int = 0) -> None:

@@ -3,7 +3,9 @@
 The tangent model of a merge is the base model's first-order expansion along the merged delta: score₀ + J·ΔW. It is
 computed by forward-mode AD through the base model (`MultiLoRAModel.tangent_pass`, eager attention). Because it is
 linear in the genome, data scored under many genomes keeps each prompt's shift along each expert (and block), and a
-genome switch is then one small product per batch.
+genome switch is then one small product per batch. Those shifts are the label scores' derivatives in the genome at
+genome 0, taken in reverse mode with one genome per example: a forward and one backward per label, however many
+experts and blocks (forward mode would need a pass per expert and block).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 
 import torch
 
-from memmcl.experts.scoring import score_labels
+from memmcl.experts.scoring import _score_chunk, continuation_rows, score_labels
 from memmcl.merging.multilora import MultiLoRAModel
 
 
@@ -53,7 +55,7 @@ class TangentScorer:
         """Returns the tangent model's label scores, score₀ + Σ_{block, t} c_{block, t} · shift_{block, t}.
 
         Outside `cached`: one forward-mode pass along the current merge's delta. Within it, each new prompt's
-        per-expert, per-block shifts are computed once (one pass each) and kept.
+        per-expert, per-block shifts are computed once and kept.
         """
         if not self.caching:
             value, shift = self._pass(prompts, answers)
@@ -70,22 +72,30 @@ class TangentScorer:
         shifts = torch.stack([self.shifts[k][1] for k in keys])
         return (value + torch.einsum("nktl,kt->nl", shifts, self.model.genome.cpu()))[:, :n_labels]
 
-    def _keep(self, prompts, answers, keys) -> None:
-        """Computes and keeps the prompts' base scores and per-expert, per-block shifts (one pass per unit genome)."""
-        genome = self.model.genome.clone()
-        K, T = genome.shape
-        shifts = torch.zeros(len(prompts), K, T, max(map(len, answers)))
-        try:
-            for k in range(K):
-                for t in range(T):
-                    unit = torch.zeros(K, T)
-                    unit[k, t] = 1.0
-                    self.model.set_genome(unit)
-                    value, shifts[:, k, t] = self._pass(prompts, answers)
-        finally:
-            self.model.set_genome(genome)
-        for row, (key, example) in enumerate(zip(keys, answers, strict=True)):
-            n = len(example)
-            v, d = torch.full((self.width,), float("-inf")), torch.zeros(K, T, self.width)
-            v[:n], d[..., :n] = value[row, :n], shifts[row, ..., :n]
-            self.shifts[key] = (v, d)
+    def _keep(self, prompts, answers, keys, chunk_size: int = 32) -> None:
+        """Computes and keeps the prompts' base scores and per-expert, per-block shifts: d score / d genome at 0."""
+        model, device = self.model, self.model.coef.device
+        K, T = model.genome.shape
+        for start in range(0, len(prompts), chunk_size):
+            chunk, chunk_answers = prompts[start : start + chunk_size], answers[start : start + chunk_size]
+            n_labels = [len(a) for a in chunk_answers]
+            with torch.inference_mode(False), torch.enable_grad():  # also inside validate / test
+                coef = torch.zeros(len(chunk), model.coef.numel(), device=device, requires_grad=True)
+                continued = torch.tensor([i for i, _ in continuation_rows(chunk_answers)], dtype=torch.long,
+                                         device=device)
+                with model.per_example_coefficients(coef, continued):  # whole sequences: row i is example i
+                    value = _score_chunk(model, chunk, chunk_answers, self.pad_id, max(n_labels), device,
+                                         share_prefix=False)
+                grads = []
+                for label in range(max(n_labels)):
+                    present = torch.tensor([label < n for n in n_labels])
+                    (g,) = torch.autograd.grad(value[present, label].sum(), coef, retain_graph=label < max(n_labels) - 1)
+                    grads.append(g.cpu())
+            # coef = genome[index] · scale, so d score / d genome[k, t] sums scale · d score / d coef over its ranks
+            per_rank = torch.stack(grads, dim=-1) * model.scale.cpu()[None, :, None]  # [N, ranks, L]
+            shifts = torch.zeros(len(chunk), K * T, max(n_labels)).index_add_(1, model.index.cpu(), per_rank)
+            for row, key in enumerate(keys[start : start + chunk_size]):
+                n = n_labels[row]
+                v, d = torch.full((self.width,), float("-inf")), torch.zeros(K, T, self.width)
+                v[:n], d[..., :n] = value[row, :n].detach(), shifts[row, :, :n].view(K, T, n)
+                self.shifts[key] = (v, d)
