@@ -68,7 +68,7 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
         write_atomic(out / "test.json", json.dumps(results, indent=1).encode())
     trainer.strategy.barrier()
     per_epoch = m.samples_per_epoch or sum(len(dm.examples[s.name]["train"]) for s in p.specs)
-    p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch,
+    p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch, steps=trainer.global_step,
               mean_acc=sum(r["acc"] for r in results.values()) / len(results))
     return results
 

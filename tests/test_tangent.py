@@ -197,7 +197,7 @@ def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
     assert "Tangent experts" in (root / "report" / "report.md").read_text()
     # whole-set batches: one step per epoch; a model trained past its last validation is validated once more
     phases = json.loads((root / "phases.json").read_text())["phases"]
-    assert phases["multitask:multitask"]["samples"] == 2 * 24  # one epoch of both tasks, in batches of 8
+    assert phases["multitask:multitask"]["steps"] == 3 * 24 // 8  # one epoch of every task, multitask.batch_size 8
     for task in TASKS:
         metrics = json.loads((root / "experts" / task / "metrics.json").read_text())
         assert metrics["epochs"] == 3 and 0 <= metrics["acc"] <= 1
