@@ -95,7 +95,7 @@ def save_config(parser, cfg, path: Path) -> None:
 
 
 def pipeline_main(args: list[str]) -> None:
-    """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 10 ...]`: the whole method."""
+    """`memmcl pipeline --config configs/demo/pipeline.yaml [--merge.generations 20 ...]`: the whole method."""
     parser, cfg, pipeline = build_pipeline(args)
     from lightning.pytorch.utilities import rank_zero_only
 
