@@ -44,6 +44,22 @@ def clear_jacobians() -> None:
     _JACOBIANS.clear()
 
 
+def per_example_label_gradients(model: nn.Module, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int,
+                                device, wrt: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """Scores the prompts on whole sequences, so that row i of the forward is example i (as per-example parameters
+    need), and returns (label scores [N, L], detached; per label l, the gradients in each of `wrt` of label l's score
+    summed over the examples that have it: one backward per label). With per-example parameters in `wrt`, row i of a
+    gradient is example i's own. Call with gradients on, outside inference mode."""
+    n_labels = [len(a) for a in answers]
+    L = max(n_labels)
+    scores = _score_chunk(model, prompts, answers, pad_id, L, device, share_prefix=False)
+    grads = []
+    for label in range(L):
+        present = torch.tensor([label < n for n in n_labels])
+        grads.append(torch.autograd.grad(scores[present, label].sum(), wrt, retain_graph=label < L - 1))
+    return scores.detach(), grads
+
+
 class TangentLinear(nn.Module):
     """A frozen linear layer plus the tangent adapter path scale · B (A0 x), with B set per example (`per_example`,
     [N, out, r], for per-example Jacobians) or absent (the base layer).
@@ -135,20 +151,14 @@ class TangentSpace(nn.Module):
                     bs[name] = torch.zeros(len(chunk), layer.base.out_features, self.rank, requires_grad=True,
                                            device=layer.a0.device)
                     layer.per_example, layer.continuation_example, layer.calls = bs[name], continued, 0
-                # whole sequences, so that row i of the prompts' forward is example i
-                scores = _score_chunk(self.model, [list(k[1]) for k in chunk], answers, pad_id, max(n_labels), device,
-                                      share_prefix=False)
-                rows = []
-                for label in range(max(n_labels)):
-                    present = torch.tensor([label < n for n in n_labels])
-                    total = scores[present, label].sum()
-                    grads = torch.autograd.grad(total, list(bs.values()), retain_graph=label < max(n_labels) - 1)
-                    rows.append(torch.cat([g.flatten(1) for g in grads], dim=1).cpu())  # [N, P]
+                scores, grads = per_example_label_gradients(self.model, [list(k[1]) for k in chunk], answers, pad_id,
+                                                            device, list(bs.values()))
+                rows = [torch.cat([g.flatten(1) for g in label], dim=1).cpu() for label in grads]  # L × [N, P]
         finally:
             for layer in self.layers.values():
                 layer.per_example, layer.continuation_example = None, None
         jac = torch.stack(rows, dim=1)  # [N, L, P]
-        return [(scores[i, : n].detach(), jac[i, : n].clone()) for i, n in enumerate(n_labels)]
+        return [(scores[i, : n], jac[i, : n].clone()) for i, n in enumerate(n_labels)]
 
 
 class TangentExpert(LabelScoringModule):

@@ -14,7 +14,8 @@ import contextlib
 
 import torch
 
-from memmcl.experts.scoring import _score_chunk, continuation_rows, score_labels
+from memmcl.experts.scoring import continuation_rows, score_labels
+from memmcl.experts.tangent import per_example_label_gradients
 from memmcl.merging.multilora import MultiLoRAModel
 
 
@@ -83,19 +84,13 @@ class TangentScorer:
                 coef = torch.zeros(len(chunk), model.coef.numel(), device=device, requires_grad=True)
                 continued = torch.tensor([i for i, _ in continuation_rows(chunk_answers)], dtype=torch.long,
                                          device=device)
-                with model.per_example_coefficients(coef, continued):  # whole sequences: row i is example i
-                    value = _score_chunk(model, chunk, chunk_answers, self.pad_id, max(n_labels), device,
-                                         share_prefix=False)
-                grads = []
-                for label in range(max(n_labels)):
-                    present = torch.tensor([label < n for n in n_labels])
-                    (g,) = torch.autograd.grad(value[present, label].sum(), coef, retain_graph=label < max(n_labels) - 1)
-                    grads.append(g.cpu())
+                with model.per_example_coefficients(coef, continued):
+                    value, grads = per_example_label_gradients(model, chunk, chunk_answers, self.pad_id, device, [coef])
             # coef = genome[index] · scale, so d score / d genome[k, t] sums scale · d score / d coef over its ranks
-            per_rank = torch.stack(grads, dim=-1) * model.scale.cpu()[None, :, None]  # [N, ranks, L]
+            per_rank = torch.stack([g.cpu() for (g,) in grads], dim=-1) * model.scale.cpu()[None, :, None]  # [N, ranks, L]
             shifts = torch.zeros(len(chunk), K * T, max(n_labels)).index_add_(1, model.index.cpu(), per_rank)
             for row, key in enumerate(keys[start : start + chunk_size]):
                 n = n_labels[row]
                 v, d = torch.full((self.width,), float("-inf")), torch.zeros(K, T, self.width)
-                v[:n], d[..., :n] = value[row, :n].detach(), shifts[row, :, :n].view(K, T, n)
+                v[:n], d[..., :n] = value[row, :n], shifts[row, :, :n].view(K, T, n)
                 self.shifts[key] = (v, d)
