@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from memmcl.callbacks.curriculum import CurriculumSampler
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.rundir import config_hash, write_atomic
+from memmcl.workers import run_in_workers
 
 if TYPE_CHECKING:
     from memmcl.pipeline import Pipeline
@@ -77,6 +78,6 @@ def multitask_phases(p: Pipeline, difficulty: dict) -> dict[str, dict]:
     """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
     data_hash = config_hash([(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in p.specs])
     args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
-    p.in_workers([(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
+    run_in_workers(p, [(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
                   if not p._done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
     return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}

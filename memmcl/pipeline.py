@@ -19,19 +19,15 @@ search resumes at its last finished generation); a changed setting re-runs that 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -52,7 +48,6 @@ from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     config_hash,
     file_problem,
     file_sha,
-    init_worker,
     sweep_temporaries,
     write_json,
 )
@@ -66,6 +61,7 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     check_pipeline_settings,
 )
 from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
+from memmcl.workers import run_in_workers
 
 log = logging.getLogger(__name__)
 PHASE_FILE = ".phase.json"
@@ -282,37 +278,6 @@ class Pipeline:
             self._off_task_pool = dm.sample_prompts("train", self.expert.off_task_prompts, self.seed)
         return self._off_task_pool
 
-    def in_workers(self, jobs: list[tuple[str, Callable, tuple]]) -> None:
-        """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several
-        and the run is on one CPU device (a tiny model's step is mostly per-op overhead, so two single-thread
-        processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
-        t = self.trainer_config
-        if self.expert.workers <= 1 or len(jobs) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
-                or str(t.devices) != "1":
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        workers = min(self.expert.workers, len(jobs))
-        threads = max(1, torch.get_num_threads() // workers)
-        worker_view = copy.copy(self)
-        worker_view.trainer_config = dataclasses.replace(t, progress_bar=False)
-        log.info("running %d phases in %d processes of %d thread(s)", len(jobs), workers, threads)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(_phase_job, worker_view, name, fn, args): name for name, fn, args in jobs}
-            bar = None
-            if t.progress_bar:  # the workers' own bars are off: one bar over the phases here
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(jobs), desc=jobs[0][0].split(":")[0] + " phases", unit="phase")
-            for future in as_completed(futures):
-                self.phases[futures[future]] = future.result()
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-
     def search(self) -> MergeSearch:
         """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
         if self._search is None:
@@ -398,7 +363,7 @@ class Pipeline:
     def _run_phases(self) -> dict:
         started = time.time()
         metadata = self.data_phase()
-        self.in_workers([(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
+        run_in_workers(self, [(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
                          if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)])
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
         clear_jacobians()  # tangent experts' training features: not needed past this point
@@ -418,8 +383,3 @@ class Pipeline:
             write_report(self.run_dir)
         return results
 
-
-def _phase_job(pipeline: Pipeline, name: str, fn: Callable, args: tuple) -> dict:
-    """Runs one phase in a worker process; returns its phase record."""
-    fn(pipeline, *args)
-    return pipeline.phases[name]
