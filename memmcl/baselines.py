@@ -42,7 +42,7 @@ def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) ->
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
     if settings["batch_size"] is None:  # unset: keys as before the option
         del settings["batch_size"]
-    return config_hash([p.backbone, p.dtype, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
+    return config_hash([p.backbone, p.numerics, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
                         settings, pacing, order if pacing != "none" else None, data_hash])
 
 

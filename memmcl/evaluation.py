@@ -102,7 +102,8 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
     groups = {s.name: s.group for s in p.specs}
     summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
                "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
-               "demonstrations": asdict(p.demos), "max_eval_examples": p.max_eval_examples, "icl": icl}
+               "demonstrations": asdict(p.demos), "max_eval_examples": p.max_eval_examples, "icl": icl,
+               "precision": p.precision.to_dict()}
     write_json(out / "results.json", summary)
     if rank_zero_only.rank == 0:
         logger = p._tensorboard("eval")

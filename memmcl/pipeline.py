@@ -43,6 +43,7 @@ from memmcl.experts.tangent import TangentExpert, clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, MergeSearch
 from memmcl.merging.weak import mine_weak_data
+from memmcl.precision import resolve_precision
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
     config_hash,
@@ -76,6 +77,8 @@ class Pipeline:
     Args:
         name: the run directory is `<root>/<name>`.
         backbone: registered name (`tiny`), local HF model directory, or hub name already in the local cache.
+        dtype: the frozen backbone's weights; null: as `trainer.precision` resolves (`memmcl.precision`: bf16-mixed
+            with bfloat16 weights where the CPU has native bf16, else float32).
         tasks: shipped task names or task spec YAML paths (default: every shipped task).
         max_length: prompt + answer tokens for training and zero-shot evaluation.
         max_eval_examples: score only the first N validation / test examples of each task (slow CPU runs; the
@@ -91,7 +94,7 @@ class Pipeline:
         name: str = "demo",
         root: str = "runs",
         backbone: str = "tiny",
-        dtype: Dtype = "float32",
+        dtype: Dtype | None = None,
         tasks: list[str] | None = None,
         seed: int = 0,
         max_length: int = 128,
@@ -105,12 +108,21 @@ class Pipeline:
         data_dir: str | None = None,
         multitask: MultitaskConfig | None = None,
     ):
-        self.name, self.backbone, self.dtype, self.seed = name, backbone, dtype, seed
+        self.name, self.backbone, self.seed = name, backbone, seed
         self.max_length, self.eval_batch_size, self.max_eval_examples = max_length, eval_batch_size, max_eval_examples
         self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
         self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
         self.difficulty_weights = difficulty_weights
         self.multitask = multitask or MultitaskConfig()
+        t = self.trainer_config
+        try:
+            self.precision = resolve_precision(t.precision, t.accelerator, dtype, tangent=self.expert.tangent)
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
+        if self.expert.tangent and not self.precision.is_float32:
+            raise PipelineError(f"trainer.precision: expected null or 32-true with expert.tangent: true (tangent experts "
+                                f"run in float32), got {t.precision!r} (backbone dtype {self.precision.dtype})")
+        self.dtype = self.precision.dtype
         self.specs = load_task_specs(list(tasks or embedded_task_names()), data_dir)
         self.run_dir = Path(root) / name
         self.phases: dict[str, dict] = {}
@@ -184,7 +196,7 @@ class Pipeline:
         """Returns a Trainer with the run's settings; `quiet` hides the per-call bars of many short evaluations."""
         t = self.trainer_config
         logger = self._tensorboard(logger_version) if logger_version else False
-        return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=self.precision.trainer,
                          logger=logger, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0, **kwargs)
 
@@ -228,10 +240,16 @@ class Pipeline:
             del settings["check_val_every_n_epoch"]
         return settings
 
+    @property
+    def numerics(self) -> str:
+        """The precision as phase keys hold it: the backbone dtype, plus Lightning's precision where that is not
+        float32 (float32 runs keep the keys of versions before the setting)."""
+        return self.dtype if self.precision.trainer in (None, "32-true") else f"{self.dtype}/{self.precision.trainer}"
+
     def expert_key(self, spec: TaskSpec) -> str:
         settings = self.expert_settings()
         capped = [self.max_eval_examples] if self.max_eval_examples else []
-        return config_hash([self.backbone, self.dtype, self.seed, self.max_length, *capped, settings, spec.to_dict(),
+        return config_hash([self.backbone, self.numerics, self.seed, self.max_length, *capped, settings, spec.to_dict(),
                             spec.data_hash(("train", "validation"))])
 
     def expert_phase(self, spec: TaskSpec) -> dict:
@@ -377,7 +395,8 @@ class Pipeline:
         merge_key, record = self.merge_phase(expert_keys)
         results = eval_phase(self, merge_key, record, difficulty, metadata, multitask)
         if rank_zero_only.rank == 0:
-            write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1)})
+            write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1),
+                                                      "precision": self.precision.to_dict()})
             from memmcl.report import write_report
 
             write_report(self.run_dir)

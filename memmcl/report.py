@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from memmcl.evaluation import ROSTER
+from memmcl.precision import describe
 from memmcl.rundir import write_atomic
 
 MODEL_COLUMNS = ROSTER  # the accuracy table's columns, in the roster's order; a column shows when evaluated
@@ -179,6 +180,8 @@ def write_report(run_dir: str | Path) -> Path:
                      "different model (the delta inside the network).")
     if phases:
         lines.append(f"Wall time of the latest run: {phases.get('wall_seconds')} s.")
+    if precision := results.get("precision") or phases.get("precision"):
+        lines.append(describe(precision))
     if results.get("max_eval_examples"):
         lines.append(f"Test accuracy over {results['max_eval_examples']} test examples of each task only (a seeded, "
                      "label-stratified sample).")

@@ -18,6 +18,13 @@ def _session_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+    """The suite's numbers must not depend on the CPU it runs on: `trainer.precision: null` (auto) resolves to
+    float32 here, as on a CPU without native bf16; bf16 tests ask for it explicitly (tests/test_precision.py)."""
+    monkeypatch.setattr("memmcl.precision.cpu_bf16_flags", lambda *args: [])
+
+
 @pytest.fixture(scope="session")
 def tiny_dir():
     from memmcl.experts.backbone import resolve_tiny

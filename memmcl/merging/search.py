@@ -63,7 +63,9 @@ class MergeSearch(LabelScoringModule):
         blocks: layer blocks per member (1: one weight per member; n: one per member and block of layers).
         method: how expert deltas combine (`linear` is exact rescaling; `ties`/`dare_*` fold materialized deltas).
         density: TIES / DARE density.
-        fold: write each linear genome into the weights (fitness then runs at base-model speed).
+        fold: write each linear genome into the weights (fitness then runs at base-model speed); float32 weights
+            only: bfloat16 weights cannot hold a LoRA delta's low bits (W0 + ΔW rounds ΔW to W0's bf16 spacing), so
+            a bf16 backbone scores linear merges unfolded, the delta applied to the activations.
         task_weights: fitness = Σ w_task · acc_task / Σ w_task (default 1 per task).
         fitness: `mean` (the weighted mean above) or `protect`: (mean + worst_weight · worst unit) / (1 +
             worst_weight), the units being the global stage's groups or a group stage's tasks (see `merging.stage`).
@@ -151,6 +153,7 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
         self.pad_id = self.tokenizer.pad_token_id
+        self.fold_exact = base.dtype == torch.float32
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
         self.tangent_scorer = TangentScorer(self.model, self.pad_id, max(s.n_classes for s in self.expert_specs)) \
             if self.tangent else None
@@ -184,7 +187,8 @@ class MergeSearch(LabelScoringModule):
 
     def set_coefficients(self, coef: torch.Tensor) -> None:
         h = self.hparams
-        self.model.set_genome(coef, fold=h.fold and not self.tangent, method=h.method, density=h.density, seed=h.seed)
+        fold = h.fold and not self.tangent and self.fold_exact
+        self.model.set_genome(coef, fold=fold, method=h.method, density=h.density, seed=h.seed)
 
     def predict_scores(self, batch: dict) -> torch.Tensor:
         """The label scorer; for tangent experts, in the tangent model (`TangentScorer`)."""

@@ -1,0 +1,84 @@
+"""Precision: auto resolves to bf16-mixed where the CPU has native bf16 and to float32 elsewhere; a bf16 run trains
+float32 LoRA weights on a bfloat16 backbone, scores merges unfolded and records what ran."""
+
+import json
+
+import pytest
+import torch
+
+import memmcl.precision as precision
+from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, Pipeline, PipelineError, TrainerConfig
+from memmcl.precision import cpu_bf16_flags, resolve_precision
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert cpu_bf16_flags(info) == ["avx512_bf16"]
+    info.write_text("flags\t\t: fpu sse amx_bf16 amx_tile avx512_bf16\n")
+    assert cpu_bf16_flags(info) == ["amx_bf16", "avx512_bf16"]
+    info.write_text("flags\t\t: fpu sse avx2\n")
+    assert cpu_bf16_flags(info) == []
+    assert cpu_bf16_flags(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(("requested", "accelerator", "flags", "tangent", "trainer", "dtype"), [
+    (None, "cpu", ["amx_bf16"], False, "bf16-mixed", "bfloat16"),
+    (None, "cpu", [], False, None, "float32"),  # a CPU without native bf16: the float32 path
+    (None, "cpu", ["avx512_bf16"], True, None, "float32"),  # tangent experts
+    (None, "gpu", ["avx512_bf16"], False, None, "float32"),
+    ("bf16", "cpu", [], False, "bf16-mixed", "bfloat16"),  # asked for: bf16 even without native support
+    ("bf16-true", "gpu", [], False, "bf16-true", "bfloat16"),
+    ("32-true", "cpu", ["amx_bf16"], False, "32-true", "float32"),
+    ("32", "cpu", ["amx_bf16"], False, "32-true", "float32"),
+])
+def test_resolution(requested, accelerator, flags, tangent, trainer, dtype):
+    p = resolve_precision(requested, accelerator, tangent=tangent, flags=flags)
+    assert (p.trainer, p.dtype) == (trainer, dtype)
+    assert p.is_float32 == (dtype == "float32" and trainer in (None, "32-true"))
+
+
+def test_bad_precision_is_named():
+    with pytest.raises(ValueError, match=r"^trainer.precision: expected null \(auto\) or one of .*got 'fp8'"):
+        resolve_precision("fp8")
+
+
+def _pipeline(tmp_path, tiny_dir, **trainer):
+    return Pipeline(name="p", root=str(tmp_path), backbone=str(tiny_dir), tasks=["sc_binary", "irony"], max_length=64,
+                    expert=ExpertConfig(lora_r=2, lora_alpha=4, max_epochs=1, batch_size=8, max_train_examples=16),
+                    merge=MergeConfig(population=2, generations=1, max_weak_examples=8, min_weak_examples=4,
+                                      task_arithmetic_scales=None),
+                    demonstrations=DemoConfig(k=0), max_eval_examples=16,
+                    trainer=TrainerConfig(progress_bar=False, **trainer))
+
+
+def test_auto_follows_the_cpu(tmp_path, tiny_dir, monkeypatch):
+    assert _pipeline(tmp_path, tiny_dir).precision.is_float32  # conftest: a CPU without native bf16
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda *args: ["avx512_bf16"])
+    p = _pipeline(tmp_path, tiny_dir)
+    assert (p.precision.trainer, p.dtype) == ("bf16-mixed", "bfloat16")
+    assert p.numerics != _pipeline(tmp_path, tiny_dir, precision="32-true").numerics  # separate phase keys
+    with pytest.raises(PipelineError, match="^trainer.precision: expected null or 32-true with expert.tangent"):
+        Pipeline(name="p", root=str(tmp_path), backbone=str(tiny_dir), tasks=["sc_binary"],
+                 expert=ExpertConfig(tangent=True), trainer=TrainerConfig(precision="bf16-mixed"))
+    with pytest.raises(PipelineError, match="^trainer.precision: expected null"):
+        _pipeline(tmp_path, tiny_dir, precision="half")
+
+
+def test_bf16_pipeline_end_to_end(tmp_path, tiny_dir):
+    p = _pipeline(tmp_path, tiny_dir, precision="bf16-mixed")
+    results = p.run()
+    run = tmp_path / "p"
+    recorded = json.loads((run / "phases.json").read_text())["precision"]
+    assert recorded["trainer"] == "bf16-mixed" and recorded["dtype"] == "bfloat16"
+    assert results["precision"] == recorded
+    assert "Precision: bf16-mixed, backbone weights bfloat16" in (run / "report" / "report.md").read_text()
+    from safetensors.torch import load_file
+
+    adapter = load_file(run / "experts" / "sc_binary" / "expert" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # LoRA master weights stay float32
+    search = p.search()
+    assert next(search.model.model.parameters()).dtype == torch.bfloat16 and not search.fold_exact
+    assert not search.model.folded  # bf16 merges are scored unfolded
+    for model in ("base", "expert", "uniform", "evolved_global"):
+        assert set(results["models"][model]) == {"sc_binary", "irony"}
