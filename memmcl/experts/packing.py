@@ -66,7 +66,7 @@ def _attend(q, k, v, visible, prefix, scale: float, dropout: float) -> torch.Ten
     g = H // H_kv  # query heads per key/value head: head h reads key/value head h // g
     q = q.reshape(R, H_kv, g * Lq, D)
     own = (torch.matmul(q, k.transpose(2, 3)).float() * scale).view(R, H_kv, g, Lq, Lk)
-    own = own.masked_fill(~visible[:, None, None], float("-inf"))
+    own = own.masked_fill_(~visible[:, None, None], float("-inf"))
     if prefix is None:
         weights = F.dropout(own.softmax(-1), p=dropout).to(v.dtype)
         return torch.matmul(weights.view(R, H_kv, g * Lq, Lk), v).view(R, H, Lq, D)
@@ -74,15 +74,17 @@ def _attend(q, k, v, visible, prefix, scale: float, dropout: float) -> torch.Ten
     P = prefix_keys.shape[2]
     q_by_head = q.transpose(0, 1).reshape(H_kv, R * g * Lq, D)
     to_prefix = (torch.bmm(q_by_head, prefix_keys[0].transpose(1, 2)).float() * scale).view(H_kv, R, g, Lq, P)
-    top = torch.maximum(own.amax(-1), to_prefix.amax(-1).transpose(0, 1))  # [R, H_kv, g, Lq]
-    p_own = (own - top[..., None]).exp()
-    p_prefix = (to_prefix - top.transpose(0, 1)[..., None]).exp()
-    norm = (p_own.sum(-1) + p_prefix.sum(-1).transpose(0, 1))[..., None]
-    p_own = F.dropout(p_own / norm, p=dropout).to(v.dtype)
-    p_prefix = F.dropout(p_prefix / norm.transpose(0, 1), p=dropout).to(v.dtype)
+    with torch.no_grad():  # a shift the softmax does not depend on: no gradient, and the logits can change in place
+        top = torch.maximum(own.amax(-1), to_prefix.amax(-1).transpose(0, 1))  # [R, H_kv, g, Lq]
+    p_own = own.sub_(top[..., None]).exp_()
+    p_prefix = to_prefix.sub_(top.transpose(0, 1)[..., None]).exp_()
+    norm = p_own.sum(-1) + p_prefix.sum(-1).transpose(0, 1)  # [R, H_kv, g, Lq]
+    # Normalised after the value products: a division over [.., D] outputs instead of over every key's weight.
+    p_own = F.dropout(p_own, p=dropout).to(v.dtype)
+    p_prefix = F.dropout(p_prefix, p=dropout).to(v.dtype)
     out = torch.matmul(p_own.view(R, H_kv, g * Lq, Lk), v).view(R, H_kv, g, Lq, D)
     from_prefix = torch.bmm(p_prefix.view(H_kv, R * g * Lq, P), prefix_values[0]).view(H_kv, R, g, Lq, D)
-    return (out + from_prefix.transpose(0, 1)).reshape(R, H, Lq, D)
+    return ((out + from_prefix.transpose(0, 1)).float() / norm[..., None]).to(v.dtype).reshape(R, H, Lq, D)
 
 
 AttentionInterface.register(PREFIX_ATTENTION, packed_prefix_attention)
