@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect, select_demonstrations
+from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect, select_demonstration_sets
 from memmcl.curriculum.difficulty import read_difficulty_order
 from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
@@ -26,14 +26,12 @@ IGNORE_INDEX = -100
 
 
 def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int,
-                    demos_for: Callable[[Example], list] | None = None, demo_max_length: int | None = None) -> list[dict]:
-    """Returns one item per example: its prompt ids (with `demos_for(example)` demonstrations, within
-    `demo_max_length` tokens when it has any), every label's answer ids, the gold label, the number of
-    demonstrations and identifiers."""
+                    demonstrations: list[list] | None = None, demo_max_length: int | None = None) -> list[dict]:
+    """Returns one item per example: its prompt ids (with its list in `demonstrations`, within `demo_max_length`
+    tokens when it has any), every label's answer ids, the gold label, the number of demonstrations and identifiers."""
     answers = [answer_ids(tokenizer, a) for a in spec.answers]
     items = []
-    for e in examples:
-        demos = demos_for(e) if demos_for else []
+    for e, demos in zip(examples, demonstrations or [[] for _ in examples], strict=True):
         length = (demo_max_length or max_length) if demos else max_length
         items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
                       "prompt": build_prompt(tokenizer, spec, e, length, demos, max(map(len, answers)))})
@@ -240,8 +238,8 @@ class MultiTaskDataModule(L.LightningDataModule):
                 if self.encode_splits is not None and split not in self.encode_splits:
                     continue
                 source = train_demos_for if split == "train" else demos_for
-                source = partial(source, spec.name) if source else None
-                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, source, self.demo_max_length)
+                demos = source(spec.name, examples) if source else None
+                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, demos, self.demo_max_length)
                 if split != "train":
                     # Evaluation batches of similar prompt lengths waste little on padding (metrics and written
                     # predictions do not depend on the order); each task's items stay together, so its batches
@@ -250,21 +248,21 @@ class MultiTaskDataModule(L.LightningDataModule):
                 self.items.setdefault(split, []).extend(items)
 
     def _demonstration_source(self) -> Callable | None:
-        """Returns f(task, example) -> demonstrations for evaluation prompts, or None without demonstrations."""
+        """Returns f(task, examples) -> each example's demonstrations for evaluation prompts, or None without them."""
         if not self.demonstrations or self.demo_order == "none":
             return None
         specs, train, losses, task_order = self._demo_context("data.demonstrations", self.demonstrations)
 
-        def demos_for(task: str, example: Example) -> list:
-            return select_demonstrations(example, task, specs, train, self.demonstrations, self.demo_order,
-                                         self.demo_scope, task_order, losses, self.demo_seed, self.demo_fixed,
-                                         self.demo_select)
+        def demos_for(task: str, examples: list[Example]) -> list[list]:
+            return select_demonstration_sets(examples, task, specs, train, [self.demonstrations] * len(examples),
+                                             self.demo_order, self.demo_scope, task_order, losses, self.demo_seed,
+                                             self.demo_fixed, self.demo_select)
 
         return demos_for
 
     def _train_demonstration_source(self) -> Callable | None:
-        """Returns f(task, example) -> demonstrations for training prompts (a seeded share of each task's examples,
-        a seeded count in 1..k each), or None without demonstration-aware training."""
+        """Returns f(task, examples) -> each example's demonstrations for training prompts (a seeded share of each
+        task's examples, a seeded count in 1..k each), or None without demonstration-aware training."""
         if not self.train_demonstrations or not self.train_demo_share:
             return None
         specs, train, losses, task_order = self._demo_context("data.train_demonstrations", self.train_demonstrations)
@@ -277,10 +275,10 @@ class MultiTaskDataModule(L.LightningDataModule):
                             for i in ids[: round(self.train_demo_share * len(ids))]}
         order = "curriculum" if self.demo_order == "none" else self.demo_order
 
-        def demos_for(task: str, example: Example) -> list:
-            k = counts[task].get(example.id, 0)
-            return select_demonstrations(example, task, specs, train, k, order, self.demo_scope, task_order, losses,
-                                         self.demo_seed, select=self.demo_select) if k else []
+        def demos_for(task: str, examples: list[Example]) -> list[list]:
+            ks = [counts[task].get(e.id, 0) for e in examples]
+            return select_demonstration_sets(examples, task, specs, train, ks, order, self.demo_scope, task_order,
+                                             losses, self.demo_seed, select=self.demo_select)
 
         return demos_for
 

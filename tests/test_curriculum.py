@@ -7,8 +7,9 @@ import pytest
 import torch
 from memmcl.callbacks import CurriculumSampler
 
-from memmcl.curriculum.demonstrations import select_demonstrations, similarity, words
+from memmcl.curriculum.demonstrations import select_demonstrations
 from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, task_features
+from memmcl.curriculum.neighbours import similarity, words
 from memmcl.curriculum.pacing import active_count
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.expert import LoRAExpert
@@ -207,32 +208,6 @@ def test_similar_demonstrations_are_the_nearest_training_examples_in_the_configu
         MultiTaskDataModule(["absa_restaurant"], demonstrations=4, demo_fixed=True, demo_select="similar")
 
 
-def similar_by_definition(query, task, specs, train, k, scope, seed=0):
-    """The similar selection as defined: shuffle the pool with the query's seed, stable-sort by Jaccard similarity."""
-    import random
-
-    members = [t for t in specs if specs[t].group == specs[task].group] if scope == "group" else [task]
-    pool = [(t, e) for t in members for e in train[t] if e.text != query.text]
-    random.Random(f"{seed}:{task}:{query.id}").shuffle(pool)
-    return [e.text for _, e in sorted(pool, key=lambda te: -similarity(words(query), words(te[1])))[:k]]
-
-
-@pytest.mark.parametrize("scope", ["task", "group"])
-def test_indexed_similar_selection_picks_what_the_definition_picks_ties_included(scope):
-    specs = {n: load_task_spec(n) for n in ["sc_binary", "sc_3class", "sc_5class", "hate"]}
-    splits = {n: read_task(s)[0] for n, s in specs.items()}
-    train = {n: sp["train"] for n, sp in splits.items()}
-    ties = 0
-    for n in specs:
-        for query in splits[n]["test"][:15] + train[n][:5]:  # training queries: their own text is left out
-            demos = select_demonstrations(query, n, specs, train, 4, "random", scope, select="similar")
-            want = similar_by_definition(query, n, specs, train, 4, scope)
-            assert sorted(d.text for d in demos) == sorted(want)
-            sims = sorted((similarity(words(query), words(e)) for t in train for e in train[t]), reverse=True)
-            ties += sims[3] == sims[4]
-    assert ties > 0  # the comparison covered queries whose 4th and 5th nearest examples tie
-
-
 def test_datamodule_puts_demonstrations_in_eval_prompts_only(tiny_dir):
     plain = MultiTaskDataModule(["sc_3class"], backbone=str(tiny_dir), max_length=384)
     icl = MultiTaskDataModule(["sc_3class"], backbone=str(tiny_dir), max_length=384, demonstrations=3)
@@ -265,7 +240,7 @@ def test_demonstration_aware_training_prompts(tiny_dir):
         train = {e.id: e for e in dm.examples[name]["train"]}
         heldout = {e.text for split in ("validation", "test") for e in read_task(load_task_spec(name))[0][split]}
         for it in with_demos:
-            demos = demos_for(name, train[it["id"]])
+            demos = demos_for(name, [train[it["id"]]])[0]
             assert len(demos) == it["demos"]
             assert all(d.text != train[it["id"]].text and d.text not in heldout for d in demos)
             assert all(d.text in {e.text for e in train.values()} for d in demos)  # the task's own training sample
