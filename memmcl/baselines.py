@@ -2,7 +2,8 @@
 alternative to training experts and merging them. One adapter per pacing in `multitask.pacings`: `none` (every task
 from the first epoch) or a `CurriculumSampler` pacing (tasks opened easy → hard in the run's difficulty order).
 
-    runs/<name>/multitask/<variant>/   expert/ (peft adapter + expert.yaml), test.json (per-task test accuracy / F1)
+    runs/<name>/multitask/<variant>/   expert/ (peft adapter + expert.yaml), test.json (per-task test accuracy / F1),
+                                       correct.json ({task: {test example id: prediction correct}})
 
 The adapter has the experts' LoRA settings (r, alpha, lr, training cap) and their batch size unless
 `multitask.batch_size` is set (tangent experts train on the whole training set per step, a batch too large for all
@@ -27,7 +28,7 @@ from memmcl.workers import run_in_workers
 if TYPE_CHECKING:
     from memmcl.pipeline import Pipeline
 
-MULTITASK_OUTPUTS = ("test.json", "expert/expert.yaml", "expert/adapter_model.safetensors")
+MULTITASK_OUTPUTS = ("test.json", "correct.json", "expert/expert.yaml", "expert/adapter_model.safetensors")
 
 
 def variant_name(pacing: str) -> str:
@@ -47,12 +48,13 @@ def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) ->
 
 
 def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> dict:
-    """Trains and tests one multi-task adapter into multitask/<variant>; returns its per-task test results."""
+    """Trains and tests one multi-task adapter into multitask/<variant>; returns {"test": its per-task test results,
+    "correct": each test example's correctness per task (`LabelScoringModule.correct`)}."""
     name = variant_name(pacing)
     out = p.run_dir / "multitask" / name
     key = multitask_key(p, pacing, order, data_hash)
     if p._start_training(f"multitask:{name}", out, key, MULTITASK_OUTPUTS):
-        return json.loads((out / "test.json").read_text())
+        return {part: json.loads((out / f"{part}.json").read_text()) for part in ("test", "correct")}
     started, e, m = time.time(), p.expert, p.multitask
     model = p.expert_model(out / "expert")
     dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=m.batch_size or e.batch_size,
@@ -65,17 +67,20 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     trainer.fit(model, dm)
     trainer.test(model, datamodule=dm, verbose=False)
     results = {t: dict(r) for t, r in model.results["test"].items()}
+    correct = model.correct["test"]
     if rank_zero_only.rank == 0:
         write_atomic(out / "test.json", json.dumps(results, indent=1).encode())
+        write_atomic(out / "correct.json", json.dumps(correct).encode())
     trainer.strategy.barrier()
     per_epoch = m.samples_per_epoch or sum(len(dm.examples[s.name]["train"]) for s in p.specs)
     p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch, steps=trainer.global_step,
               mean_acc=sum(r["acc"] for r in results.values()) / len(results))
-    return results
+    return {"test": results, "correct": correct}
 
 
 def multitask_phases(p: Pipeline, difficulty: dict) -> dict[str, dict]:
-    """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: per-task test results}."""
+    """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: {"test", "correct"}} (see
+    `multitask_phase`)."""
     data_hash = config_hash([(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in p.specs])
     args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
     run_in_workers(p, [(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()

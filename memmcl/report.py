@@ -64,6 +64,15 @@ def markdown_table(matrix: dict[str, dict[str, float]], groups: dict[str, str], 
     return "\n".join(lines)
 
 
+def differences_table(differences: list[dict]) -> str:
+    """Returns a Markdown table of the claimed differences A − B: value, 95% interval, ✓ where it excludes zero."""
+    lines = ["| difference | value | 95% interval | excludes 0 |", "|---|---:|---|:---:|"]
+    for d in differences:
+        lines.append(f"| {ROSTER[d['a']]} − {ROSTER[d['b']]} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] "
+                     f"| {'✓' if d['excludes_zero'] else ''} |")
+    return "\n".join(lines)
+
+
 def _save_figure(fig, path: Path) -> str:
     """Writes a figure as PNG atomically (no half-written plot is left behind), closes it; returns the file name."""
     import matplotlib.pyplot as plt
@@ -202,6 +211,14 @@ def write_report(run_dir: str | Path) -> Path:
             label = "none (zero-shot)" if order == "none" else order
             lines.append(f"| {label} | {r['mean']:.3f} | {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} |")
         lines.append("")
+    if differences := results.get("differences"):
+        d = differences[0]
+        lines += ["## Which differences are real", "",
+                  "Each row is model A's mean-over-tasks test accuracy minus model B's, with a paired bootstrap 95% "
+                  f"interval: {d['resamples']} resamples (seed {d['seed']}) of the test examples, with replacement "
+                  "within each task, the same resample for both models; ✓ where the interval excludes zero. Rows with "
+                  "demonstrations read each example's correctness as its mean over the demonstration draws.", "",
+                  differences_table(differences), ""]
     lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]
     for stage, r in genome["stages"].items():
         lines.append(f"| {stage} | {', '.join(r['members'])} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from memmcl.evaluation import CLAIMS
 from memmcl.merging.search import MergeSearch
 from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, Pipeline, TrainerConfig
 from memmcl.report import ReportError, write_report
@@ -30,12 +31,14 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     def kill(self, stage, generation):
         if stage == "MAST" and generation == 1:
             raise Killed
+    resume = MergeSearch._after_generation
     monkeypatch.setattr(MergeSearch, "_after_generation", kill)
     first = pipeline(tmp_path, tiny_dir)
     with pytest.raises(Killed):
         first.run()
     assert not (tmp_path / "small" / "merge" / ".phase.json").exists()
-    monkeypatch.undo()
+    # not monkeypatch.undo(): that would also undo conftest's float32 default, so a bf16 CPU would change every key
+    monkeypatch.setattr(MergeSearch, "_after_generation", resume)
     second = pipeline(tmp_path, tiny_dir)
     results = second.run()
     skipped = {p for p, r in second.phases.items() if r["skipped"]}
@@ -68,6 +71,14 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     report = (run / "report" / "report.md").read_text()
     assert "| **mean SC** | SC |" in report and "evolved global merge" in report and "multi-task LoRA + curriculum" in report
     assert "| reverse |" in report  # the ablation table
+    # every claimed difference: A − B of the mean accuracies above, per-example correctness kept for each model
+    assert {(d["a"], d["b"]) for d in results["differences"]} == set(CLAIMS)
+    for d in results["differences"]:
+        means = results["means"]
+        assert d["diff"] == pytest.approx(means[d["a"]]["overall"] - means[d["b"]]["overall"], abs=1e-6)
+        assert d["low"] <= d["high"] and d["resamples"] == 1000
+    assert set(results["correct"]) == set(models) and len(results["correct"]["evolved_global+icl"]["irony"]) == 2
+    assert "## Which differences are real" in report and "| global + curriculum ICL − evolved global merge |" in report
     assert {p.name for p in (run / "report").glob("*.png")} == {"accuracy.png", "merge_weights.png", "fitness.png", "difficulty.png"}
     difficulty = json.loads((run / "difficulty" / "difficulty.json").read_text())
     assert sorted(difficulty["order"]) == sorted(TASKS) and "expert_error" in difficulty["weights"]

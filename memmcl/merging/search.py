@@ -202,7 +202,8 @@ class MergeSearch(LabelScoringModule):
         return self.tangent_scorer.cached() if self.tangent_scorer is not None else contextlib.nullcontext()
 
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
-        """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split."""
+        """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split; each
+        example's correctness is then in `self.correct[split]`."""
         self.set_coefficients(coef)
         if split == "val":
             trainer.validate(self, datamodule=datamodule, verbose=False)
