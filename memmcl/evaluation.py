@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.datamodule import MultiTaskDataModule
-from memmcl.rundir import config_hash, write_json
+from memmcl.rundir import config_hash, inside, write_json
 from memmcl.settings import demo_settings
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, 
 def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, metadata: dict, multitask: dict) -> dict:
     """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
     with curriculum (and, for the ablation, random-order) demonstrations; into eval/results.json."""
-    out = p.run_dir / "eval"
+    out = inside(p.run_dir, "eval")
     key = config_hash([merge_key, demo_settings(p.demos), difficulty["order"], p.max_eval_examples, multitask])
     if marker := p._done(out, key, ("results.json",)):
         p._skip("eval", marker)
