@@ -77,7 +77,7 @@ def main(rounds: int = 3) -> None:
 
     peak = {"float32": gemm_flops(torch.float32), "bfloat16": gemm_flops(torch.bfloat16)}
     trainees, scorers, optimizers = {}, {}, {}
-    for name, (dtype, cast) in PRECISIONS.items():
+    for name, (dtype, _) in PRECISIONS.items():
         trainees[name] = lora_model(dtype).train()
         optimizers[name] = torch.optim.AdamW([p for p in trainees[name].parameters() if p.requires_grad], lr=1e-4)
         scorers[name] = load_backbone(BACKBONE, dtype)[0].eval()

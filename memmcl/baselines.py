@@ -53,7 +53,7 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
     name = variant_name(pacing)
     out = p.run_dir / "multitask" / name
     key = multitask_key(p, pacing, order, data_hash)
-    if p._start_training(f"multitask:{name}", out, key, MULTITASK_OUTPUTS):
+    if p._start_training(f"multitask:{name}", ("multitask", name), key, MULTITASK_OUTPUTS):
         return {part: json.loads((out / f"{part}.json").read_text()) for part in ("test", "correct")}
     started, e, m = time.time(), p.expert, p.multitask
     model = p.expert_model(out / "expert")

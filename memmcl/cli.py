@@ -99,9 +99,11 @@ def pipeline_main(args: list[str]) -> None:
     parser, cfg, pipeline = build_pipeline(args)
     from lightning.pytorch.utilities import rank_zero_only
 
+    from memmcl.rundir import inside
+
     def write_config() -> None:  # only once the settings passed and the run directory is ours
         if rank_zero_only.rank == 0:
-            save_config(parser, cfg, pipeline.run_dir / "config.yaml")
+            save_config(parser, cfg, inside(pipeline.run_dir, "config.yaml"))
 
     results = pipeline.run(on_locked=write_config)
     if rank_zero_only.rank == 0:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.bootstrap import RESAMPLES, paired_bootstrap
 from memmcl.datamodule import MultiTaskDataModule
-from memmcl.rundir import config_hash, write_json
+from memmcl.rundir import config_hash, inside, write_json
 from memmcl.settings import demo_settings
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
     """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
     with curriculum (and, for the ablation, random-order) demonstrations, each model's per-example correctness and
     the `CLAIMS`' bootstrap intervals; into eval/results.json."""
-    out = p.run_dir / "eval"
+    out = inside(p.run_dir, "eval")
     key = config_hash([merge_key, demo_settings(p.demos), difficulty["order"], p.max_eval_examples, multitask,
                        RESAMPLES])
     if marker := p._done(out, key, ("results.json",)):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -46,9 +45,11 @@ from memmcl.merging.weak import mine_weak_data
 from memmcl.precision import resolve_precision
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
+    clear,
     config_hash,
     file_problem,
     file_sha,
+    inside,
     sweep_temporaries,
     write_json,
 )
@@ -154,13 +155,14 @@ class Pipeline:
         data = json.loads(marker.read_text())
         return data if isinstance(data, dict) and data.get("key") == key else None
 
-    def _start_training(self, phase: str, out: Path, key: str, outputs: tuple[str, ...]) -> bool:
-        """True when the training phase is done (skipped); else its folder is cleared for a fresh run."""
-        if marker := self._done(out, key, outputs):
+    def _start_training(self, phase: str, parts: tuple[str, ...], key: str, outputs: tuple[str, ...]) -> bool:
+        """True when the training phase in `<run_dir>/<parts>` is done (skipped); else its folder is cleared for a fresh
+        run (`clear`: a symlink in its place is unlinked, never followed)."""
+        if marker := self._done(self.run_dir.joinpath(*parts), key, outputs):
             self._skip(phase, marker)
             return True
-        if rank_zero_only.rank == 0 and out.exists():
-            shutil.rmtree(out)
+        if rank_zero_only.rank == 0:
+            clear(self.run_dir, *parts)
         return False
 
     def expert_model(self, export_dir: Path) -> LoRAExpert | TangentExpert:
@@ -190,6 +192,7 @@ class Pipeline:
 
     def _tensorboard(self, version: str) -> TensorBoardLogger:
         """Returns the logger writing to `<run_dir>/tensorboard/<version>`."""
+        inside(self.run_dir, "tensorboard", version)  # versions hold task names, which must not lead out of the run
         return TensorBoardLogger(str(self.run_dir), name="tensorboard", version=version, default_hp_metric=False)
 
     def _trainer(self, logger_version: str | None, quiet: bool = False, **kwargs) -> L.Trainer:
@@ -204,7 +207,7 @@ class Pipeline:
 
     def data_phase(self) -> dict:
         """Per-task metadata (class counts, label entropy, input length, lexical diversity) into data/metadata.json."""
-        out = self.run_dir / "data"
+        out = inside(self.run_dir, "data")
         capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in self.specs]])
@@ -256,7 +259,7 @@ class Pipeline:
         """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
         out = self.run_dir / "experts" / spec.name
         key = self.expert_key(spec)
-        if self._start_training(f"expert:{spec.name}", out, key, EXPERT_OUTPUTS):
+        if self._start_training(f"expert:{spec.name}", ("experts", spec.name), key, EXPERT_OUTPUTS):
             return json.loads((out / "metrics.json").read_text())
         started, e = time.time(), self.expert
         model = self.expert_model(out / "expert")
@@ -301,14 +304,15 @@ class Pipeline:
         if self._search is None:
             self._search = MergeSearch(
                 experts=[str(self.run_dir / "experts" / s.name / "expert") for s in self.specs], **asdict(self.merge),
-                out_dir=str(self.run_dir / "merge"), weak_dir=str(self.run_dir / "weak"), backbone=self.backbone,
-                dtype=self.dtype, seed=self.seed, max_length=self.max_length, eval_batch_size=self.eval_batch_size,
-                evaluate_test=False, max_train_examples=self.expert.max_train_examples)
+                out_dir=str(inside(self.run_dir, "merge")), weak_dir=str(inside(self.run_dir, "weak")),
+                backbone=self.backbone, dtype=self.dtype, seed=self.seed, max_length=self.max_length,
+                eval_batch_size=self.eval_batch_size, evaluate_test=False,
+                max_train_examples=self.expert.max_train_examples)
         return self._search
 
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:
         """Each expert's weak data (mistakes on its own training split, topped up) into weak/; returns the summary."""
-        out = self.run_dir / "weak"
+        out = inside(self.run_dir, "weak")
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
                            self.merge.weak_anchor_ratio, self.expert.max_train_examples])
         outputs = ("summary.yaml", *(f"{s.name}{suffix}" for s in self.specs for suffix in (".jsonl", ".example_loss.json")))
@@ -322,7 +326,7 @@ class Pipeline:
 
     def difficulty_phase(self, metadata: dict, expert_metrics: dict, weak: dict) -> dict:
         """Scores task difficulty from metadata + expert error + weak-data rate into difficulty/; returns it."""
-        out = self.run_dir / "difficulty"
+        out = inside(self.run_dir, "difficulty")
         features = {s.name: task_features(metadata[s.name], expert_metrics[s.name]["acc"],
                                           weak[s.name]["wrong"] / weak[s.name]["train"]) for s in self.specs}
         key = config_hash([features, self.difficulty_weights])
@@ -346,7 +350,7 @@ class Pipeline:
 
     def merge_phase(self, expert_keys: dict[str, str]) -> tuple[str, dict]:
         """Group searches, then the global search, into merge/; returns (key, best_genome record)."""
-        out = self.run_dir / "merge"
+        out = inside(self.run_dir, "merge")
         key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
         if marker := self._done(out, key, (GENOME_FILE,)):
             self._skip("merge", marker)
@@ -395,8 +399,9 @@ class Pipeline:
         merge_key, record = self.merge_phase(expert_keys)
         results = eval_phase(self, merge_key, record, difficulty, metadata, multitask)
         if rank_zero_only.rank == 0:
-            write_json(self.run_dir / "phases.json", {"phases": self.phases, "wall_seconds": round(time.time() - started, 1),
-                                                      "precision": self.precision.to_dict()})
+            write_json(inside(self.run_dir, "phases.json"), {"phases": self.phases,
+                                                             "wall_seconds": round(time.time() - started, 1),
+                                                             "precision": self.precision.to_dict()})
             from memmcl.report import write_report
 
             write_report(self.run_dir)

@@ -10,7 +10,7 @@ import yaml
 
 from memmcl.evaluation import ROSTER
 from memmcl.precision import describe
-from memmcl.rundir import write_atomic
+from memmcl.rundir import inside, write_atomic
 
 MODEL_COLUMNS = ROSTER  # the accuracy table's columns, in the roster's order; a column shows when evaluated
 
@@ -176,7 +176,7 @@ def write_report(run_dir: str | Path) -> Path:
     difficulty = _load(run_dir / "difficulty" / "difficulty.json", "run the pipeline's difficulty phase first")
     stages = {p.parent.name: yaml.safe_load(p.read_text()) for p in sorted((run_dir / "merge" / "stages").glob("*/result.yaml"))}
     phases = json.loads((run_dir / "phases.json").read_text()) if (run_dir / "phases.json").exists() else {}
-    out = run_dir / "report"
+    out = inside(run_dir, "report")
     out.mkdir(parents=True, exist_ok=True)
     _plots(out, results, genome, stages, difficulty)
     groups = results["groups"]

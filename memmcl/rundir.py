@@ -1,4 +1,5 @@
-"""One writer per run directory: a lock file naming its holder, and worker processes that die with their parent."""
+"""One writer per run directory: a lock file naming its holder, worker processes that die with their parent, and
+paths that stay inside the run directory (`inside`, `clear`)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def file_problem(path: Path) -> str | None:
 
 
 class RunDirError(ValueError):
-    """A run directory another process is using; the message names the directory and the holder."""
+    """A run directory another process is using, or a path that leads out of one; the message names the directory
+    and the holder or the path."""
 
 
 def _alive(pid: int) -> bool:
@@ -105,6 +107,43 @@ class RunLock:
         self.release()
 
 
+def _steps(run_dir: str | os.PathLike, parts: tuple[str, ...]) -> list[str]:
+    """Returns the steps of `parts` (`experts/sc_binary` is two); raises unless each is a name (not empty, `.`, `..`)."""
+    steps = [step for part in parts for step in str(part).split("/")]
+    if not steps or any(step in ("", ".", "..") for step in steps):
+        raise RunDirError(f"{Path(run_dir).joinpath(*parts)}: expected a path inside the run directory "
+                          f"{Path(run_dir).resolve()}, of relative steps without '.' or '..'")
+    return steps
+
+
+def inside(run_dir: str | os.PathLike, *parts: str) -> Path:
+    """Returns `run_dir/parts...`, checked to lie inside the run directory with every symlink resolved, so no task
+    name or planted link leads a write out of it."""
+    path = Path(run_dir).joinpath(*_steps(run_dir, parts))
+    root, real = Path(run_dir).resolve(), path.resolve()
+    if root not in real.parents:
+        raise RunDirError(f"{path}: expected a path inside the run directory {root}; it resolves to {real}")
+    return path
+
+
+def _remove(path: Path) -> None:
+    """Removes a file, folder or symlink; a symlink is unlinked, never followed (shutil.rmtree refuses a linked
+    folder and unlinks the links it meets inside a real one)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def clear(run_dir: str | os.PathLike, *parts: str) -> None:
+    """Removes `run_dir/parts...` (a phase's folder) if there, never following a symlink out of the run directory:
+    the folder holding it is `inside` the run directory, and a link in its place is unlinked, not emptied."""
+    *folder, name = _steps(run_dir, parts)
+    path = (inside(run_dir, *folder) if folder else Path(run_dir)) / name
+    if path.is_symlink() or path.exists():
+        _remove(path)
+
+
 # what a killed writer leaves: `write_atomic`'s `.<name>.tmp` files and `atomic_save_dir`'s `.<name>.<8 chars>` and
 # `.<name>.old.<8 chars>` folders (tempfile.mkdtemp)
 _TEMPORARY = re.compile(r"^\.(.+\.tmp|[^/]+\.(old\.)?[a-z0-9_]{8})$")
@@ -118,7 +157,7 @@ def sweep_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     for path in sorted(found, key=lambda p: len(p.parts)):
         if not path.exists():  # inside a folder removed before it
             continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove(path)
         removed.append(path)
     return removed
 

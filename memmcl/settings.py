@@ -15,6 +15,7 @@ from memmcl.experts.tangent import TangentExpert
 from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
 from memmcl.merging.search import MergeSearch
+from memmcl.tasks.spec import NAME_RULE, TASK_NAME
 
 
 class PipelineError(ValueError):
@@ -177,6 +178,8 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
         _require(all(w >= 0 for w in m.task_weights.values()) and any(w > 0 for w in m.task_weights.values()),
                  "merge.task_weights", m.task_weights, "weights >= 0, at least one > 0")
     for group, members in (m.groups or {}).items():
+        _require(TASK_NAME.fullmatch(str(group)) is not None, "merge.groups", group,  # names merge/stages/<group>
+                 f"group names of {NAME_RULE}")
         unknown = sorted(set(members) - set(names))
         _require(bool(members) and not unknown, f"merge.groups.{group}", members, f"a non-empty list of tasks among {names}")
     mt = mt or MultitaskConfig()

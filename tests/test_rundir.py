@@ -77,6 +77,7 @@ def _alive(pid: int) -> bool:
     ({"merge": MergeConfig(bounds=(2.0, 0.0))}, r"merge.bounds: expected \[low, high\] with low < high"),
     ({"merge": MergeConfig(sigma=-1)}, r"merge.sigma: expected a step size > 0, got -1"),
     ({"merge": MergeConfig(groups={"SC": ["sc_binary", "nope"]})}, r"merge.groups.SC: expected a non-empty list of tasks"),
+    ({"merge": MergeConfig(groups={"../SC": ["sc_binary"]})}, r"merge.groups: expected group names of letters, digits"),
     ({"merge": MergeConfig(task_weights={"sc_binray": 1.0})}, r"merge.task_weights: expected task names among"),
     ({"difficulty_weights": {"expert_eror": 1.0}}, r"difficulty_weights: difficulty weights name unknown feature"),
     ({"demonstrations": DemoConfig(k=2, max_length=16)}, r"demonstrations.max_length: expected at least max_length"),

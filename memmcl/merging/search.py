@@ -42,7 +42,7 @@ from memmcl.merging.multilora import (
 from memmcl.merging.stage import quiet_progress_bar, run_stage, tune_task_arithmetic
 from memmcl.merging.tangent import TangentScorer
 from memmcl.merging.weak import mine_weak_data
-from memmcl.rundir import atomic_save_dir
+from memmcl.rundir import atomic_save_dir, clear, inside
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,8 @@ class MergeSearch(LabelScoringModule):
             return self._run(trainer, resume, genome)
 
     def _run(self, trainer: L.Trainer, resume: bool, genome: str | None) -> dict:
-        if not resume and genome is None and trainer.is_global_zero and (self.out_dir / "stages").exists():
-            import shutil
-
-            shutil.rmtree(self.out_dir / "stages")
+        if not resume and genome is None and trainer.is_global_zero:
+            clear(self.out_dir, "stages")
         if genome is not None:
             coef, record = self.load_genome(genome)
         else:
@@ -247,7 +245,7 @@ class MergeSearch(LabelScoringModule):
                 coef, record = self._search(trainer, weak, resume)
         self.set_coefficients(coef)
         if trainer.is_global_zero:
-            self.export(self.out_dir / "merged")
+            self.export(inside(self.out_dir, "merged"))
         trainer.strategy.barrier()
         if self.hparams.evaluate_test:
             record["test"] = self.evaluate_test(trainer, record)
@@ -292,7 +290,7 @@ class MergeSearch(LabelScoringModule):
             "baselines": baselines,
         }
         if trainer.is_global_zero:
-            write_atomic(self.out_dir / GENOME_FILE, yaml.safe_dump(record, sort_keys=False).encode())
+            write_atomic(inside(self.out_dir, GENOME_FILE), yaml.safe_dump(record, sort_keys=False).encode())
         return coef, record
 
     def load_genome(self, path: str | Path) -> tuple[torch.Tensor, dict]:
@@ -352,5 +350,5 @@ class MergeSearch(LabelScoringModule):
                 out[name][f"mean_acc_{g}"] = float(np.mean([out[name]["per_task"][t]["acc"] for t in tasks]))
         self.set_coefficients(candidates["final"])
         if trainer.is_global_zero:
-            write_atomic(self.out_dir / "test_eval.yaml", yaml.safe_dump(out, sort_keys=False).encode())
+            write_atomic(inside(self.out_dir, "test_eval.yaml"), yaml.safe_dump(out, sort_keys=False).encode())
         return out

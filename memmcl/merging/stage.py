@@ -22,6 +22,7 @@ import yaml
 from memmcl.experts.expert import write_atomic
 from memmcl.merging import evolution
 from memmcl.merging.multilora import MergeError, coefficients_to_yaml
+from memmcl.rundir import inside
 
 if TYPE_CHECKING:
     from memmcl.merging.search import MergeSearch
@@ -86,7 +87,7 @@ def run_stage(search: MergeSearch, trainer: L.Trainer, stage: str, basis: torch.
               weak: list[TaskSpec], resume: bool, show_progress: bool) -> dict:
     """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task[, front]}."""
     h = search.hparams
-    stage_dir = search.out_dir / "stages" / stage
+    stage_dir = inside(search.out_dir, "stages", stage)
     state_path, result_path = stage_dir / "state.json", stage_dir / "result.yaml"
     if resume and result_path.exists():
         log.info("stage %s: done before, reusing %s", stage, result_path)

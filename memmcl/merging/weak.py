@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from memmcl.experts.expert import gather_records, write_atomic, write_jsonl_atomic
-from memmcl.rundir import file_sha
+from memmcl.rundir import file_sha, inside
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
 
@@ -144,16 +144,16 @@ def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = Fal
 
         bar = tqdm(total=len(search.expert_specs), desc="weak data", unit="expert")
     weak_dir = search.weak_dir
-    summary_path = weak_dir / "summary.yaml"
+    summary_path = inside(weak_dir, "summary.yaml")
     summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
     specs = []
     for t, (spec, path) in enumerate(zip(search.expert_specs, search.expert_dirs, strict=True)):
-        out = weak_dir / f"{spec.name}.jsonl"
+        out = inside(weak_dir, f"{spec.name}.jsonl")
         fingerprint = file_sha(path / "adapter_model.safetensors")
         key = {"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
                "min_weak_examples": search.hparams.min_weak_examples, "anchor_ratio": search.hparams.weak_anchor_ratio,
                "max_train_examples": search.hparams.max_train_examples}
-        loss_path = weak_dir / f"{spec.name}.example_loss.json"
+        loss_path = inside(weak_dir, f"{spec.name}.example_loss.json")
         if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
             onehot = torch.zeros(search.model.n_experts)
             onehot[t] = 1.0

@@ -20,6 +20,9 @@ EMBEDDED_PREFIX = "embedded:"
 DATA_PREFIX = "data:"  # a split path inside the data folder (`data_dir` setting, $MEMMCL_DATA_DIR, ../shared/realdata)
 DATA_DIR_ENV = "MEMMCL_DATA_DIR"
 SPLIT_KEYS = {"path", "format", "fields"}
+# A task's name names its folder and files in a run directory (experts/<name>, weak/<name>.jsonl): never a path.
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+NAME_RULE = "letters, digits, '_', '-', '.' (not leading '.' or '-')"
 
 
 def default_data_dirs() -> list[Path]:
@@ -53,7 +56,8 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A sentiment task: its group, ordered labels with their answer words, instruction, file format and splits."""
+    """A sentiment task: its name (`TASK_NAME`), group, ordered labels with their answer words, instruction, file
+    format and splits."""
 
     name: str
     group: Group
@@ -72,6 +76,10 @@ class TaskSpec:
     source: str = "<memory>"
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # label value in a file -> label
     split_options: dict[str, dict] = field(default_factory=dict, hash=False)  # split -> its own format / fields
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
+            raise TaskError(f"{self.source}: field 'name' is {self.name!r}; expected a task name of {NAME_RULE}")
 
     @property
     def n_classes(self) -> int:
