@@ -124,7 +124,10 @@ class Pipeline:
             raise PipelineError(f"trainer.precision: expected null or 32-true with expert.tangent: true (tangent experts "
                                 f"run in float32), got {t.precision!r} (backbone dtype {self.precision.dtype})")
         self.dtype = self.precision.dtype
-        self.specs = load_task_specs(list(tasks or embedded_task_names()), data_dir)
+        if tasks is not None and not tasks:
+            raise PipelineError("tasks: expected at least one shipped task name or task spec path, got [] "
+                                "(leave tasks out for every shipped task)")
+        self.specs = load_task_specs(list(embedded_task_names() if tasks is None else tasks), data_dir)
         self.run_dir = Path(root) / name
         self.phases: dict[str, dict] = {}
         self._search: MergeSearch | None = None

@@ -93,6 +93,12 @@ def test_bad_setting_is_rejected_before_anything_runs(tmp_path, overrides, messa
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_empty_task_list_is_an_error_not_every_task(tmp_path):
+    with pytest.raises(PipelineError, match=r"^tasks: expected at least one shipped task name or task spec path, got \[\]"):
+        Pipeline(name="bad", root=str(tmp_path), tasks=[])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_error_is_one_line_naming_the_field_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memmcl", "pipeline", "--config", "configs/demo/pipeline.yaml",
                            "--root", str(tmp_path), "--merge.population", "1"],
