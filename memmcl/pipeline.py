@@ -120,10 +120,6 @@ class Pipeline:
             self.precision = resolve_precision(t.precision, t.accelerator, dtype, tangent=self.expert.tangent)
         except ValueError as err:
             raise PipelineError(str(err)) from None
-        if self.expert.tangent and not self.precision.is_float32:
-            raise PipelineError(f"trainer.precision: expected null or 32-true with expert.tangent: true (tangent experts "
-                                f"run in float32), got {t.precision!r} (backbone dtype {self.precision.dtype})")
-        self.dtype = self.precision.dtype
         if tasks is not None and not tasks:
             raise PipelineError("tasks: expected at least one shipped task name or task spec path, got [] "
                                 "(leave tasks out for every shipped task)")
@@ -245,6 +241,11 @@ class Pipeline:
         if settings["check_val_every_n_epoch"] == 1:
             del settings["check_val_every_n_epoch"]
         return settings
+
+    @property
+    def dtype(self) -> str:
+        """The frozen backbone's dtype, as the run's precision resolved it."""
+        return self.precision.dtype
 
     @property
     def numerics(self) -> str:

@@ -52,7 +52,7 @@ def resolve_precision(requested: str | None, accelerator: str = "cpu", dtype: st
                       tangent: bool = False, flags: list[str] | None = None) -> Precision:
     """Returns the run's precision for `trainer.precision` (None: auto), the accelerator and an explicit backbone
     `dtype` (None: follows the precision). Auto is bf16-mixed on a CPU accelerator whose CPU has native bf16
-    (`flags`, default read from the CPU), float32 otherwise and for tangent experts."""
+    (`flags`, default read from the CPU), float32 otherwise and for tangent experts, which refuse anything else."""
     if requested is None:
         flags = cpu_bf16_flags() if flags is None else flags
         if tangent:
@@ -69,9 +69,12 @@ def resolve_precision(requested: str | None, accelerator: str = "cpu", dtype: st
             raise ValueError(f"trainer.precision: expected null (auto) or one of {list(TRAINER_PRECISIONS)}, "
                              f"got {requested!r}")
         reason = "trainer.precision"
-    if dtype is not None:
-        return Precision(trainer, dtype, f"{reason}; backbone dtype {dtype} as set")
-    return Precision(trainer, _DTYPE_OF.get(trainer or "", "float32"), reason)
+    resolved = Precision(trainer, dtype, f"{reason}; backbone dtype {dtype} as set") if dtype is not None else \
+        Precision(trainer, _DTYPE_OF.get(trainer or "", "float32"), reason)
+    if tangent and not resolved.is_float32:
+        raise ValueError(f"trainer.precision: expected null or 32-true with expert.tangent: true (tangent experts run "
+                         f"in float32), got {requested!r} (backbone dtype {resolved.dtype})")
+    return resolved
 
 
 def describe(precision: dict) -> str:

@@ -196,11 +196,6 @@ def write_report(run_dir: str | Path) -> Path:
                      "label-stratified sample).")
     lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
               "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
-    if not results.get("icl"):
-        lines += ["No in-context ablation: demonstrations.k is 0"
-                  + (" because the 2-layer tiny backbone cannot learn in context (demonstrations cost it 10-27 points "
-                     "whatever their order; docs/results.md); it runs on a real LLM: make demo-real."
-                     if genome.get("backbone") == "tiny" else "."), ""]
     if results.get("icl"):
         d = results["demonstrations"]
         lines += ["## In-context demonstrations: the order ablation", "",
@@ -211,6 +206,11 @@ def write_report(run_dir: str | Path) -> Path:
             label = "none (zero-shot)" if order == "none" else order
             lines.append(f"| {label} | {r['mean']:.3f} | {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} |")
         lines.append("")
+    else:
+        lines += ["No in-context ablation: demonstrations.k is 0"
+                  + (" because the 2-layer tiny backbone cannot learn in context (demonstrations cost it 10-27 points "
+                     "whatever their order; docs/results.md); it runs on a real LLM: make demo-real."
+                     if genome.get("backbone") == "tiny" else "."), ""]
     if differences := results.get("differences"):
         d = differences[0]
         lines += ["## Which differences are real", "",

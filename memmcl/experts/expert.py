@@ -34,9 +34,10 @@ class LabelScoringModule(L.LightningModule):
     """Validation / test / predict by label scoring with per-task accuracy and macro-F1 (torchmetrics, DDP-correct).
 
     Subclasses provide `self.model` (a causal LM) and `self.pad_id`; the task specs come from the datamodule.
-    After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1"} and
-    `self.correct[split][task]` each example's {id: prediction correct}, in id order (so two models' vectors over the
-    same examples align); both equal on every rank.
+    After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1"}, and after a test epoch
+    `self.correct["test"][task]` each example's {id: prediction correct}, in id order (so two models' vectors over the
+    same examples align); both equal on every rank. Validation keeps no per-example record: it is the merge search's
+    fitness, run once per genome, and nothing reads it.
     """
 
     log_eval_to_logger = True
@@ -47,7 +48,7 @@ class LabelScoringModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         specs: list[TaskSpec] = datamodule.specs
         if not hasattr(self, "results"):
-            self.results, self.correct, self._outcomes = {}, {}, {"val": [], "test": []}
+            self.results, self.correct, self._outcomes = {}, {}, []
         if getattr(self, "specs", None) == specs:
             return
         self.specs = specs
@@ -76,21 +77,22 @@ class LabelScoringModule(L.LightningModule):
         for t in batch["task"].unique().tolist():
             rows = batch["task"] == t
             self.metrics[split][t].update(preds[rows], batch["label"][rows])
-        hits = (preds == batch["label"].to(preds.device)).tolist()
-        self._outcomes[split].extend(zip(batch["task"].tolist(), batch["id"], hits, strict=True))
+        if split == "test":
+            hits = (preds == batch["label"].to(preds.device)).tolist()
+            self._outcomes.extend(zip(batch["task"].tolist(), batch["id"], hits, strict=True))
 
     def _eval_epoch_end(self, split: str) -> None:
         """Computes per-task accuracy / macro-F1 (synced across ranks), keeps them in `self.results[split]`, logs them;
-        keeps every rank's per-example correctness in `self.correct[split]`."""
-        outcomes, self._outcomes[split] = self._outcomes[split], []
+        after a test epoch keeps every rank's per-example correctness in `self.correct["test"]`."""
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in self.metrics[split]:
                 metric.reset()
             return
-        correct: dict[str, dict[str, bool]] = {}
-        for t, example_id, hit in sorted(gather_records(outcomes)):
-            correct.setdefault(self.specs[t].name, {})[example_id] = hit
-        self.correct[split] = correct
+        if split == "test":
+            correct: dict[str, dict[str, bool]] = {}
+            for t, example_id, hit in sorted(gather_records(self._outcomes)):
+                correct.setdefault(self.specs[t].name, {})[example_id] = hit
+            self.correct["test"], self._outcomes = correct, []
         present = {int(item["task"]) for item in self.trainer.datamodule.items.get(SPLIT_NAMES[split], [])}
         results = {}
         for t, (spec, metric) in enumerate(zip(self.specs, self.metrics[split], strict=True)):

@@ -203,7 +203,7 @@ class MergeSearch(LabelScoringModule):
 
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
         """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split; each
-        example's correctness is then in `self.correct[split]`."""
+        test example's correctness is then in `self.correct["test"]`."""
         self.set_coefficients(coef)
         if split == "val":
             trainer.validate(self, datamodule=datamodule, verbose=False)
