@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from memmcl.tasks.extraction import check_tuples
 from memmcl.tasks.spec import FORMATS, Example, TaskError, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
     text = row.get(spec.text_field)
     if not isinstance(text, str) or not text.strip():
         raise TaskError(f"{where}: field '{spec.text_field}' is missing or empty; expected non-empty text")
+    if spec.extraction:
+        if spec.label_field not in row or row[spec.label_field] is None:
+            raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected a list of tuples ({', '.join(spec.file_slots)})")
+        tuples = check_tuples(spec, row[spec.label_field], text, where, spec.file_slots)
+        ident = row.get(spec.id_field) if spec.id_field else None
+        return Example(id=str(ident) if ident is not None else default_id, text=" ".join(text.split()), label=0,
+                       tuples=tuples)
     if spec.label_field not in row or row[spec.label_field] is None:
         raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected one of {list(spec.labels)}")
     label = str(row[spec.label_field]).strip()
@@ -163,7 +171,24 @@ def _read_tweeteval_folder(spec: TaskSpec, path: Path, prefix: str, target: str 
         yield _record(spec, row, f"{text_file}:{lineno}", f"{id_prefix}-{lineno}")
 
 
+def read_absa_lines(spec: TaskSpec, path: Path) -> Iterator[Example]:
+    """The line format of the public generative-ABSA corpora: `sentence####[tuples]`, tuples of words or of token
+    indices (`([2], [5], 'NEG')`); a line with more `####` parts (tags) takes the first as the sentence and the last as
+    the tuples. Extraction tasks only."""
+    if not spec.extraction:
+        raise TaskError(f"{path}: format 'absa_lines' holds extraction tuples; task '{spec.name}' needs kind: extraction")
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("####")
+        if len(parts) < 2:
+            raise TaskError(f"{path}:{lineno}: expected 'sentence####[tuples]', got {line[:80]!r}")
+        row = {spec.text_field: parts[0], spec.label_field: parts[-1], spec.id_field or "id": f"{spec.name}-{lineno}"}
+        yield _record(spec, row, f"{path}:{lineno}", f"{spec.name}-{lineno}")
+
+
 READERS: dict[str, Callable[[TaskSpec, Path], Iterator[Example]]] = {
+    "absa_lines": read_absa_lines,
     "jsonl": read_jsonl,
     "json": read_json,
     "csv": read_csv,

@@ -15,7 +15,11 @@ import yaml
 
 Group = Literal["SC", "ABSA", "MAST"]
 GROUPS: tuple[str, ...] = ("SC", "ABSA", "MAST")
-FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "tsv", "semeval_xml", "tweeteval")
+FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "tsv", "semeval_xml", "tweeteval", "absa_lines")
+KINDS: tuple[str, ...] = ("classification", "extraction")
+# A task's standard metric: accuracy, macro-F1, F1 of one label `f1(irony)`, the mean F1 of labels
+# `mean_f1(against, favor)`, or exact-match micro-F1 over tuples (extraction tasks).
+METRIC = re.compile(r"accuracy|macro_f1|tuple_f1|(f1|mean_f1)\(([^()]+)\)")
 EMBEDDED_PREFIX = "embedded:"
 DATA_PREFIX = "data:"  # a split path inside the data folder (`data_dir` setting, $MEMMCL_DATA_DIR, ../shared/realdata)
 DATA_DIR_ENV = "MEMMCL_DATA_DIR"
@@ -46,12 +50,14 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled input. `label` indexes `TaskSpec.labels`; `aspect` is the aspect term or stance target."""
+    """One labelled input. `label` indexes `TaskSpec.labels` (0 for extraction); `aspect` is the aspect term or stance
+    target; `tuples` the gold tuples of an extraction task (`memmcl.tasks.extraction`)."""
 
     id: str
     text: str
     label: int
     aspect: str | None = None
+    tuples: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,14 @@ class TaskSpec:
     source: str = "<memory>"
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # label value in a file -> label
     split_options: dict[str, dict] = field(default_factory=dict, hash=False)  # split -> its own format / fields
+    kind: Literal["classification", "extraction"] = "classification"
+    metric: str = "accuracy"  # `METRIC`
+    slots: tuple[str, ...] = ()  # extraction: the tuple's slots in answer order
+    file_slots: tuple[str, ...] = ()  # extraction: the slots' order in the files (default `slots`)
+    spans: tuple[str, ...] = ()  # extraction: slots whose values are words of the sentence
+    nullable: tuple[str, ...] = ()  # extraction: span slots that may be NULL (implicit)
+    slot_values: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # closed sets of other slots
+    unmatched_spans: Literal["error", "keep"] = "error"  # extraction: a gold span not in its sentence
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
@@ -84,6 +98,20 @@ class TaskSpec:
     @property
     def n_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def extraction(self) -> bool:
+        return self.kind == "extraction"
+
+    def metric_value(self, acc: float, macro_f1: float, class_f1: list[float]) -> float:
+        """Returns the task's standard metric of a classification result (see `METRIC`)."""
+        m = METRIC.fullmatch(self.metric)
+        if self.metric == "accuracy":
+            return acc
+        if self.metric == "macro_f1":
+            return macro_f1
+        names = [n.strip() for n in m.group(2).split(",")]
+        return sum(class_f1[self.labels.index(n)] for n in names) / len(names)
 
     def split_path(self, split: str) -> Path:
         """Returns the file (or folder) of a split; `embedded:` paths point into the package's embedded suite."""
@@ -140,13 +168,79 @@ class TaskSpec:
         }
         if self.aliases:
             out["aliases"] = dict(self.aliases)
-        if self.format == "semeval_xml":
+        if self.metric != default_metric(self.kind):
+            out["metric"] = self.metric
+        if self.extraction:
+            out.update(kind=self.kind, slots=list(self.slots), spans=list(self.spans))
+            out["fields"] = {"text": self.text_field, "label": self.label_field, "id": self.id_field}
+            if self.file_slots != self.slots:
+                out["file_slots"] = list(self.file_slots)
+            if self.nullable:
+                out["nullable"] = list(self.nullable)
+            if self.unmatched_spans != "error":
+                out["unmatched_spans"] = self.unmatched_spans
+            if self.slot_values:
+                out["slot_values"] = {k: list(v) for k, v in self.slot_values.items()}
+        if self.format == "semeval_xml":  # (extraction tasks read no XML)
             out.update(semeval_unit=self.semeval_unit, keep_conflict=self.keep_conflict)
         return out
 
 
 _KEYS = {"name", "group", "instruction", "labels", "aliases", "format", "fields", "aspect_name", "splits", "semeval_unit",
-         "keep_conflict"}
+         "keep_conflict", "kind", "metric", "slots", "file_slots", "spans", "nullable", "slot_values", "unmatched_spans"}
+
+
+def default_metric(kind: str) -> str:
+    return "tuple_f1" if kind == "extraction" else "accuracy"
+
+
+def _names(data: dict, key: str, source: str) -> tuple[str, ...]:
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise TaskError(f"{source}: field '{key}' must be a list of slot names, got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _extraction_fields(data: dict, source: str, labels: list[str]) -> dict:
+    """Returns the checked extraction fields (kind, metric, slots, file_slots, spans, nullable, slot_values) of a spec."""
+    kind = data.get("kind", "classification")
+    if kind not in KINDS:
+        raise TaskError(f"{source}: field 'kind' is {kind!r}; expected one of {list(KINDS)}")
+    metric = str(data.get("metric", default_metric(kind)))
+    m = METRIC.fullmatch(metric)
+    if m is None or (kind == "extraction") != (metric == "tuple_f1"):
+        allowed = "tuple_f1" if kind == "extraction" else "accuracy, macro_f1, f1(<label>), mean_f1(<label>, ...)"
+        raise TaskError(f"{source}: field 'metric' is {metric!r}; a {kind} task takes {allowed}")
+    if m.group(2) and any(n.strip() not in labels for n in m.group(2).split(",")):
+        raise TaskError(f"{source}: field 'metric' is {metric!r}; its labels must be among {labels}")
+    extraction_keys = sorted(k for k in ("slots", "file_slots", "spans", "nullable", "slot_values", "unmatched_spans")
+                             if k in data)
+    if kind != "extraction":
+        if extraction_keys:
+            raise TaskError(f"{source}: field(s) {extraction_keys} belong to extraction tasks; set kind: extraction")
+        return {"kind": kind, "metric": metric}
+    slots = _names(data, "slots", source)
+    if not slots or len(set(slots)) != len(slots):
+        raise TaskError(f"{source}: field 'slots' must list the tuple's distinct slot names (e.g. [aspect, sentiment])")
+    file_slots = _names(data, "file_slots", source) or slots
+    spans, nullable = _names(data, "spans", source), _names(data, "nullable", source)
+    if sorted(file_slots) != sorted(slots):
+        raise TaskError(f"{source}: field 'file_slots' {list(file_slots)} must order the same slots as 'slots' {list(slots)}")
+    if not set(spans) <= set(slots) or "sentiment" in spans or not set(nullable) <= set(spans):
+        raise TaskError(f"{source}: fields 'spans' {list(spans)} / 'nullable' {list(nullable)}: expected span slots "
+                        f"among {list(slots)} (not sentiment), nullable ones among the spans")
+    values = data.get("slot_values") or {}
+    if not isinstance(values, dict) or any(k not in slots or k in spans or k == "sentiment" or not isinstance(v, list)
+                                           or not v for k, v in values.items()):
+        raise TaskError(f"{source}: field 'slot_values' must map non-span slots other than sentiment to lists of values")
+    if data.get("fields", {}) and "aspect" in (data.get("fields") or {}):
+        raise TaskError(f"{source}: field 'fields.aspect': an extraction task finds its aspects; expected no aspect field")
+    unmatched = data.get("unmatched_spans", "error")
+    if unmatched not in ("error", "keep"):
+        raise TaskError(f"{source}: field 'unmatched_spans' is {unmatched!r}; expected error or keep")
+    return {"kind": kind, "metric": metric, "slots": slots, "file_slots": file_slots, "spans": spans,
+            "unmatched_spans": unmatched,
+            "nullable": nullable, "slot_values": {k: tuple(str(x) for x in v) for k, v in values.items()}}
 
 
 def _check_fields(fields, where: str) -> dict:
@@ -228,8 +322,7 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     folder = resolve_data_dir(data_dir)
     splits = {str(k): _split_entry(str(k), v, source, folder) for k, v in data["splits"].items()}
     aspect_field = fields.get("aspect")
-    if data["group"] == "ABSA" and not aspect_field and fmt not in ("semeval_xml",):
-        raise TaskError(f"{source}: ABSA task needs 'fields.aspect' (the field holding the aspect term)")
+    extraction = _extraction_fields(data, source, label_names)
     return TaskSpec(
         name=str(data["name"]),
         group=data["group"],
@@ -248,6 +341,7 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
         source=source,
         aliases={str(k): str(v) for k, v in aliases.items()},
         split_options={k: options for k, (_, options) in splits.items() if options},
+        **extraction,
     )
 
 
