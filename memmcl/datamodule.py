@@ -18,7 +18,7 @@ from memmcl.curriculum.difficulty import read_difficulty_order
 from memmcl.experts.backbone import load_tokenizer
 from memmcl.experts.scoring import left_pad
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
-from memmcl.tasks.prompts import answer_ids, build_prompt
+from memmcl.tasks.prompts import answer_ids, build_prompt, target_ids
 from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
 
@@ -26,16 +26,31 @@ IGNORE_INDEX = -100
 
 
 def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int,
-                    demonstrations: list[list] | None = None, demo_max_length: int | None = None) -> list[dict]:
+                    demonstrations: list[list] | None = None, demo_max_length: int | None = None,
+                    max_new_tokens: int = 0) -> list[dict]:
     """Returns one item per example: its prompt ids (with its list in `demonstrations`, within `demo_max_length`
-    tokens when it has any), every label's answer ids, the gold label, the number of demonstrations and identifiers."""
-    answers = [answer_ids(tokenizer, a) for a in spec.answers]
+    tokens when it has any), every label's answer ids, the gold label, the number of demonstrations and identifiers;
+    an extraction example has its target ids as its one answer (label 0), its gold tuples and `max_new_tokens`."""
+    answers = None if spec.extraction else [answer_ids(tokenizer, a) for a in spec.answers]
     items = []
     for e, demos in zip(examples, demonstrations or [[] for _ in examples], strict=True):
         length = (demo_max_length or max_length) if demos else max_length
+        if spec.extraction:  # one answer, the target: training and the gold score use it, evaluation generates
+            target = target_ids(tokenizer, spec, e)
+            items.append({"task": task_index, "id": e.id, "label": 0, "answers": [target], "demos": len(demos),
+                          "prompt": build_prompt(tokenizer, spec, e, length, demos, len(target)), "tuples": e.tuples,
+                          "max_new": max_new_tokens})
+            continue
         items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
                       "prompt": build_prompt(tokenizer, spec, e, length, demos, max(map(len, answers)))})
     return items
+
+
+def generation_budget(tokenizer, spec: TaskSpec, examples: list[Example]) -> int:
+    """Returns an extraction task's new-token budget: its longest target among `examples` (its training split), plus
+    a quarter and 8 tokens."""
+    longest = max(len(target_ids(tokenizer, spec, e)) for e in examples)
+    return longest + longest // 4 + 8
 
 
 def collate(items: list[dict], pad_id: int) -> dict:
@@ -58,6 +73,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "id": [it["id"] for it in items],
         "prompt": [it["prompt"] for it in items],
         "answers": [it["answers"] for it in items],
+        "tuples": [it.get("tuples") for it in items],
+        "max_new": [it.get("max_new", 0) for it in items],
     }
 
 
@@ -234,12 +251,17 @@ class MultiTaskDataModule(L.LightningDataModule):
                 self._metadata[spec.name] = compute_metadata(spec, splits, self.tokenizer, duplicates)
         demos_for, train_demos_for = self._demonstration_source(), self._train_demonstration_source()
         for t, spec in enumerate(self.specs):
-            for split, examples in self.examples[spec.name].items():
+            splits = self.examples[spec.name]
+            # weak data (a validation-only task) is training data: its own targets set the budget
+            budget = generation_budget(self.tokenizer, spec, splits.get("train") or next(iter(splits.values()))) \
+                if spec.extraction else 0
+            for split, examples in splits.items():
                 if self.encode_splits is not None and split not in self.encode_splits:
                     continue
                 source = train_demos_for if split == "train" else demos_for
                 demos = source(spec.name, examples) if source else None
-                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, demos, self.demo_max_length)
+                items = encode_examples(self.tokenizer, spec, t, examples, self.max_length, demos, self.demo_max_length,
+                                        budget)
                 if split != "train":
                     # Evaluation batches of similar prompt lengths waste little on padding (metrics and written
                     # predictions do not depend on the order); each task's items stay together, so its batches

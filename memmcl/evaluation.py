@@ -49,10 +49,10 @@ CLAIMS = (("evolved_global", "uniform"), ("evolved_global", "task_arithmetic"), 
 
 
 def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:
-    """Returns mean accuracy overall and per group over the tasks present in `per_task`."""
-    out = {"overall": sum(r["acc"] for r in per_task.values()) / len(per_task)}
+    """Returns the mean of each task's standard metric overall and per group over the tasks present in `per_task`."""
+    out = {"overall": sum(r["metric"] for r in per_task.values()) / len(per_task)}
     for g in dict.fromkeys(groups[t] for t in per_task):
-        accs = [r["acc"] for t, r in per_task.items() if groups[t] == g]
+        accs = [r["metric"] for t, r in per_task.items() if groups[t] == g]
         out[g] = sum(accs) / len(accs)
     return out
 
@@ -130,7 +130,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
         results[name], draws[name] = r["test"], [r["correct"]]
     icl: dict[str, dict] = {}
     if p.demos.k > 0:  # the ablation: each order over `seeds` demonstration draws, its mean per task and the spread
-        icl["none"] = {"per_seed": [sum(r["acc"] for r in results["evolved_global"].values()) / len(p.specs)]}
+        icl["none"] = {"per_seed": [sum(r["metric"] for r in results["evolved_global"].values()) / len(p.specs)]}
         for order in p.demos.orders:
             runs, draws[ICL_MODELS[order]] = [], []
             for i in range(p.demos.seeds):
@@ -143,7 +143,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
                 draws[ICL_MODELS[order]].append(search.correct["test"])
             results[ICL_MODELS[order]] = {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]}
                                           for t in runs[0]}
-            icl[order] = {"per_seed": [sum(r[t]["acc"] for t in r) / len(r) for r in runs]}
+            icl[order] = {"per_seed": [sum(r[t]["metric"] for t in r) / len(r) for r in runs]}
         for r in icl.values():
             r["mean"] = sum(r["per_seed"]) / len(r["per_seed"])
             r["std"] = (sum((x - r["mean"]) ** 2 for x in r["per_seed"]) / len(r["per_seed"])) ** 0.5
@@ -152,18 +152,20 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
     summary = {"models": results, "means": {m: group_means(r, groups) for m, r in results.items()},
                "differences": claimed_differences(correct, p.seed),
                "majority": {t: metadata[t]["majority_test"] for t in groups}, "groups": groups,
+               "metrics": {s.name: {"metric": s.metric, "kind": s.kind} for s in p.specs},
                "demonstrations": asdict(p.demos), "max_eval_examples": p.max_eval_examples, "icl": icl,
                "precision": p.precision.to_dict(), "correct": correct}
     write_json(out / "results.json", summary)
     if rank_zero_only.rank == 0:
         logger = p._tensorboard("eval")
         for step, m in enumerate(results):
-            logger.experiment.add_scalar("eval/mean_acc", summary["means"][m]["overall"], step)
+            logger.experiment.add_scalar("eval/mean_metric", summary["means"][m]["overall"], step)
             for task, r in results[m].items():
-                logger.experiment.add_scalar(f"eval/{m}/{task}/acc", r["acc"], 0)
+                for name in ("metric", "acc", "f1"):
+                    logger.experiment.add_scalar(f"eval/{m}/{task}/{name}", r[name], 0)
         for order, r in icl.items():  # one point per demonstration seed
             for i, acc in enumerate(r["per_seed"]):
-                logger.experiment.add_scalar(f"eval/icl/{order}/mean_acc", acc, i)
+                logger.experiment.add_scalar(f"eval/icl/{order}/mean_metric", acc, i)
         for d in summary["differences"]:
             for bound in ("diff", "low", "high"):
                 logger.experiment.add_scalar(f"eval/differences/{d['a']}_vs_{d['b']}/{bound}", d[bound], 0)

@@ -218,8 +218,8 @@ class Pipeline:
                                  max_train_examples=self.expert.max_train_examples, max_eval_examples=self.max_eval_examples)
         dm.setup()
         metadata = {name: m.to_dict() for name, m in dm.metadata.items()}
-        for spec in self.specs:
-            labels = Counter(e.label for e in dm.examples[spec.name]["test"])
+        for spec in self.specs:  # extraction: answering `none` everywhere, exact sets
+            labels = Counter(bool(e.tuples) if spec.extraction else e.label for e in dm.examples[spec.name]["test"])
             metadata[spec.name]["majority_test"] = max(labels.values()) / sum(labels.values())
         write_json(out / "metadata.json", metadata)
         self._finish("data", out, key, started)

@@ -194,14 +194,23 @@ def write_report(run_dir: str | Path) -> Path:
     if results.get("max_eval_examples"):
         lines.append(f"Test accuracy over {results['max_eval_examples']} test examples of each task only (a seeded, "
                      "label-stratified sample).")
-    lines += ["", "## Test accuracy", "", markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
-              "![accuracy](accuracy.png)", "", "## Test macro-F1", "", markdown_table(accuracy_matrix(results, "f1"), groups), ""]
+    metrics = sorted({s["metric"] for s in results.get("metrics", {}).values()} - {"accuracy"})
+    lines += ["", "## Test score: each task's standard metric", "",
+              "Accuracy unless the task spec names another metric"
+              + (f" (here: {', '.join(metrics)}; `tuple_f1` is exact-match micro-F1 over extracted tuples)" if metrics else "")
+              + "; group and overall means are means of these.", "",
+              markdown_table(accuracy_matrix(results, "metric"), groups), "",
+              "## Test accuracy", "", "Extraction tasks: the share of sentences whose predicted tuple set is exactly the "
+              "gold set; majority: answering the most frequent label (extraction: `none`).", "",
+              markdown_table(accuracy_matrix(results), groups, results["majority"]), "",
+              "![accuracy](accuracy.png)", "", "## Test macro-F1", "", "Extraction tasks: tuple micro-F1.", "",
+              markdown_table(accuracy_matrix(results, "f1"), groups), ""]
     if results.get("icl"):
         d = results["demonstrations"]
         lines += ["## In-context demonstrations: the order ablation", "",
                   f"The evolved global merge with k = {d['k']} demonstrations ({'one fixed set per task' if d['fixed'] else 'a set per query'}, "
-                  f"scope `{d['scope']}`), mean test accuracy over {d['seeds']} demonstration draws (seeds) and its spread.", "",
-                  "| order | mean accuracy | std over seeds | per seed |", "|---|---:|---:|---|"]
+                  f"scope `{d['scope']}`), mean test score (each task's metric) over {d['seeds']} demonstration draws (seeds) and its spread.", "",
+                  "| order | mean score | std over seeds | per seed |", "|---|---:|---:|---|"]
         for order, r in results["icl"].items():
             label = "none (zero-shot)" if order == "none" else order
             lines.append(f"| {label} | {r['mean']:.3f} | {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} |")
@@ -214,7 +223,8 @@ def write_report(run_dir: str | Path) -> Path:
     if differences := results.get("differences"):
         d = differences[0]
         lines += ["## Which differences are real", "",
-                  "Each row is model A's mean-over-tasks test accuracy minus model B's, with a paired bootstrap 95% "
+                  "Each row is model A's mean-over-tasks test accuracy (extraction tasks: exact tuple sets) minus model "
+                  "B's, with a paired bootstrap 95% "
                   f"interval: {d['resamples']} resamples (seed {d['seed']}) of the test examples, with replacement "
                   "within each task, the same resample for both models; ✓ where the interval excludes zero. Rows with "
                   "demonstrations read each example's correctness as its mean over the demonstration draws.", "",

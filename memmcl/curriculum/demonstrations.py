@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from memmcl.curriculum.neighbours import tie_state, word_index, words
-from memmcl.tasks.prompts import Demonstration
+from memmcl.tasks.prompts import Demonstration, answer_text
 from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
 DemoOrder = Literal["curriculum", "reverse", "random", "none"]
@@ -139,4 +139,4 @@ def _ordered(picked: list[tuple[str, Example]], order: DemoOrder, specs: Mapping
         rng.shuffle(picked)
     else:
         raise TaskError(f"demonstration order '{order}': expected one of curriculum, reverse, random, none")
-    return [Demonstration(e.text, specs[t].answers[e.label], e.aspect) for t, e in picked]
+    return [Demonstration(e.text, answer_text(specs[t], e), e.aspect) for t, e in picked]

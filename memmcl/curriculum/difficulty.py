@@ -23,6 +23,7 @@ FEATURES: dict[str, str] = {
     "lexical_diversity": "moving-average type/token ratio of the training texts",
     "expert_error": "1 - the task expert's validation accuracy",
     "weak_rate": "share of training examples the task expert gets wrong",
+    "answer_values": "log2(1 + values to produce per example): 1 for a label, tuples × slots for extraction",
 }
 DEFAULT_WEIGHTS: dict[str, float] = {
     "n_classes": 1.0,
@@ -32,6 +33,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "lexical_diversity": 0.5,
     "expert_error": 2.0,
     "weak_rate": 1.0,
+    "answer_values": 1.0,
 }
 
 
@@ -63,6 +65,7 @@ def task_features(metadata: Mapping, expert_accuracy: float | None = None, weak_
         "label_entropy": float(metadata["label_entropy"]),
         "input_tokens": float(metadata["input_tokens_mean"]),
         "lexical_diversity": float(metadata["type_token_ratio"]),
+        "answer_values": math.log2(1 + float(metadata.get("answer_values_mean", 1.0))),
     }
     if sizes is not None:
         counts = list(sizes.values()) if isinstance(sizes, Mapping) else list(sizes)

@@ -15,7 +15,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from memmcl.experts.backbone import Dtype, load_backbone
+from memmcl.experts.generation import generate_greedy
 from memmcl.experts.scoring import answer_loss, score_labels
+from memmcl.tasks.extraction import TupleCounts, parse_answer, render
 from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
 
@@ -31,10 +33,14 @@ class ExpertError(ValueError):
 
 
 class LabelScoringModule(L.LightningModule):
-    """Validation / test / predict by label scoring with per-task accuracy and macro-F1 (torchmetrics, DDP-correct).
+    """Validation / test / predict: classification tasks by label scoring, with per-task accuracy, macro-F1 and the
+    task's standard metric (torchmetrics, DDP-correct); extraction tasks by greedy generation parsed to tuples, with
+    exact-match micro precision / recall / F1 (`memmcl.tasks.extraction`).
 
     Subclasses provide `self.model` (a causal LM) and `self.pad_id`; the task specs come from the datamodule.
-    After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1"}, and after a test epoch
+    After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1", "metric"} (extraction:
+    "acc" is the share of exact tuple sets, "f1" = "metric" the micro-F1, plus precision, recall and the count of
+    malformed answers), and after a test epoch
     `self.correct["test"][task]` each example's {id: prediction correct}, in id order (so two models' vectors over the
     same examples align); both equal on every rank. Validation keeps no per-example record: it is the merge search's
     fitness, run once per genome, and nothing reads it.
@@ -57,11 +63,13 @@ class LabelScoringModule(L.LightningModule):
                 MetricCollection({
                     "acc": MulticlassAccuracy(s.n_classes, average="micro"),
                     "f1": MulticlassF1Score(s.n_classes, average="macro"),
+                    "class_f1": MulticlassF1Score(s.n_classes, average="none"),
                 })
                 for s in specs
             ])
             for split in ("val", "test")
         })
+        self.tuple_counts = {split: [TupleCounts() for _ in specs] for split in ("val", "test")}
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Moves the batch's tensors; its token-id lists stay as they are (Lightning's default walks every int)."""
@@ -71,19 +79,39 @@ class LabelScoringModule(L.LightningModule):
         """Returns [B, max labels] answer log-likelihoods for a batch (the shared label scorer)."""
         return score_labels(self.model, batch["prompt"], batch["answers"], self.pad_id).to(self.device)
 
+    def generate_tuples(self, batch: dict) -> list[tuple | None]:
+        """Returns each row's generated answer parsed to tuples (None: malformed), rows of extraction tasks only."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        tokens = generate_greedy(self.model, batch["prompt"], self.pad_id, {tokenizer.eos_token_id}, batch["max_new"])
+        return [parse_answer(self.specs[int(t)], tokenizer.decode(ids, skip_special_tokens=True))
+                for t, ids in zip(batch["task"].tolist(), tokens, strict=True)]
+
     def _eval_step(self, batch: dict, split: str) -> None:
-        scores = self.predict_scores(batch)
-        preds = scores.argmax(-1)
-        for t in batch["task"].unique().tolist():
-            rows = batch["task"] == t
-            self.metrics[split][t].update(preds[rows], batch["label"][rows])
+        kinds = [self.specs[t].extraction for t in batch["task"].tolist()]
+        hits: list[bool] = [False] * len(kinds)
+        if any(kinds):
+            rows = [i for i, k in enumerate(kinds) if k]
+            sub = select_rows(batch, rows)
+            for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_tuples(sub), sub["tuples"], strict=True):
+                self.tuple_counts[split][t].add(predicted, gold)
+                hits[i] = predicted is not None and set(predicted) == set(gold)
+        if not all(kinds):
+            rows = [i for i, k in enumerate(kinds) if not k]
+            sub = select_rows(batch, rows) if len(rows) < len(kinds) else batch
+            preds = self.predict_scores(sub).argmax(-1)
+            for t in sub["task"].unique().tolist():
+                mask = sub["task"] == t
+                self.metrics[split][t].update(preds[mask], sub["label"][mask])
+            for i, hit in zip(rows, (preds == sub["label"].to(preds.device)).tolist(), strict=True):
+                hits[i] = hit
         if split == "test":
-            hits = (preds == batch["label"].to(preds.device)).tolist()
             self._outcomes.extend(zip(batch["task"].tolist(), batch["id"], hits, strict=True))
 
     def _eval_epoch_end(self, split: str) -> None:
         """Computes per-task accuracy / macro-F1 (synced across ranks), keeps them in `self.results[split]`, logs them;
         after a test epoch keeps every rank's per-example correctness in `self.correct["test"]`."""
+        counts = [dataclass_sum(c) for c in zip(*gather_records([self.tuple_counts[split]]), strict=True)]
+        self.tuple_counts[split] = [TupleCounts() for _ in self.specs]
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in self.metrics[split]:
                 metric.reset()
@@ -98,16 +126,24 @@ class LabelScoringModule(L.LightningModule):
         for t, (spec, metric) in enumerate(zip(self.specs, self.metrics[split], strict=True)):
             if t not in present:  # decided from the whole split, so every rank computes (and syncs) the same tasks
                 continue
-            values = metric.compute()
-            metric.reset()
-            results[spec.name] = {k: float(v) for k, v in values.items()}
+            if spec.extraction:
+                results[spec.name] = counts[t].scores()
+            else:
+                values = metric.compute()
+                metric.reset()
+                results[spec.name] = {"acc": float(values["acc"]), "f1": float(values["f1"])}
+                results[spec.name]["metric"] = spec.metric_value(results[spec.name]["acc"], results[spec.name]["f1"],
+                                                                 values["class_f1"].tolist())
             # Already synced by torchmetrics, so equal on every rank: logged everywhere, callbacks (EarlyStopping,
             # ModelCheckpoint) see the same value on each rank.
             self.log(f"{split}/{spec.name}/acc", results[spec.name]["acc"], logger=self.log_eval_to_logger)
             self.log(f"{split}/{spec.name}/f1", results[spec.name]["f1"], logger=self.log_eval_to_logger)
+            self.log(f"{split}/{spec.name}/metric", results[spec.name]["metric"], logger=self.log_eval_to_logger)
         if results:
             mean = sum(r["acc"] for r in results.values()) / len(results)
             self.log(f"{split}/acc", mean, prog_bar=True, logger=self.log_eval_to_logger)
+            metric = sum(r["metric"] for r in results.values()) / len(results)
+            self.log(f"{split}/metric", metric, logger=self.log_eval_to_logger)
         self.results[split] = results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -123,6 +159,24 @@ class LabelScoringModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Returns a record per example: its gold and predicted label with every label's score; for extraction tasks
+        the gold and predicted answer texts (malformed: null), the predicted tuples, and the gold answer's
+        log-likelihood as its one score ("gold")."""
+        kinds = [self.specs[t].extraction for t in batch["task"].tolist()]
+        if any(kinds):
+            if not all(kinds):
+                rows = [i for i, k in enumerate(kinds) if not k]
+                rest = [i for i, k in enumerate(kinds) if k]
+                return self.predict_step(select_rows(batch, rows), batch_idx) + self.predict_step(select_rows(batch, rest), batch_idx)
+            gold_scores = score_labels(self.model, batch["prompt"], [[it[0]] for it in batch["answers"]], self.pad_id)
+            records = []
+            for i, predicted in enumerate(self.generate_tuples(batch)):
+                records.append({"task": self.specs[int(batch["task"][i])].name, "id": batch["id"][i], "kind": "extraction",
+                                "gold": render(batch["tuples"][i]),
+                                "prediction": None if predicted is None else render(predicted),
+                                "tuples": None if predicted is None else [list(t) for t in predicted],
+                                "scores": {"gold": float(gold_scores[i, 0])}})
+            return records
         scores = self.predict_scores(batch)
         records = []
         for i in range(len(batch["id"])):
@@ -277,6 +331,21 @@ def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[L
     expert = LoRAExpert(backbone=backbone or meta["backbone"], adapter=str(path))
     expert.eval()
     return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
+
+
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """Returns the batch's rows `rows` (tensors indexed, lists picked)."""
+    index = torch.tensor(rows)
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
+
+
+def dataclass_sum(parts) -> TupleCounts:
+    """Returns the field-wise sum of several ranks' `TupleCounts`."""
+    total = TupleCounts()
+    for part in parts:
+        for name in vars(total):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+    return total
 
 
 def gather_records(records: list) -> list:

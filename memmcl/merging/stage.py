@@ -1,8 +1,9 @@
 """One stage of the merge search: DEAP proposes genomes, `MergeSearch.evaluate` scores them on weak data, the state is
 saved after every generation (resume), TensorBoard gets the best genome's fitness, accuracies and weights.
 
-Fitness of a genome, from its per-task accuracy on the stage's weak data:
-- `mean`: Σ w_task · acc_task / Σ w_task (`task_weights`, default 1 each).
+Fitness of a genome, from each task's standard metric (`TaskSpec.metric`: accuracy unless the spec says otherwise,
+an extraction task's tuple micro-F1) on the stage's weak data:
+- `mean`: Σ w_task · metric_task / Σ w_task (`task_weights`, default 1 each).
 - `protect`: (mean + `worst_weight` · worst unit) / (1 + `worst_weight`), where the units are the stage's groups (the
   global stage) or its tasks (a group's own stage), each unit's accuracy the weighted mean of its tasks. A genome that
   gives a whole group away scores low even when the mean rises.
@@ -55,11 +56,11 @@ def stage_units(tasks: list[str], task_group: dict[str, str]) -> dict[str, list[
 
 def weighted_mean(results: dict, tasks: list[str], weights: dict[str, float]) -> float:
     total = sum(weights.get(t, 1.0) for t in tasks)
-    return sum(weights.get(t, 1.0) * results[t]["acc"] for t in tasks) / total
+    return sum(weights.get(t, 1.0) * results[t]["metric"] for t in tasks) / total
 
 
 def unit_objectives(results: dict, units: dict[str, list[str]], weights: dict[str, float]) -> list[float]:
-    """Returns each unit's weighted mean accuracy, in the units' order."""
+    """Returns each unit's weighted mean metric, in the units' order."""
     return [weighted_mean(results, tasks, weights) for tasks in units.values()]
 
 

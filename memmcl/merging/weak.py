@@ -46,14 +46,20 @@ def test_hashes(spec: TaskSpec) -> set[str]:
 
 
 def margin(record: dict) -> float:
-    """Returns the gold label's score minus the best other label's: how narrowly the expert got an example right."""
+    """Returns the gold label's score minus the best other label's: how narrowly the expert got an example right
+    (an extraction record: the gold answer's log-likelihood)."""
     scores = record["scores"]
+    if record.get("kind") == "extraction":
+        return scores["gold"]
     gold = scores[record["gold"]]
     return gold - max(v for k, v in scores.items() if k != record["gold"])
 
 
 def gold_loss(record: dict) -> float:
-    """Returns -log p(gold) under a softmax over the labels' scores: the expert's loss on one example."""
+    """Returns -log p(gold) under a softmax over the labels' scores (extraction: of the gold answer): the expert's loss
+    on one example."""
+    if record.get("kind") == "extraction":
+        return -record["scores"]["gold"]
     scores = list(record["scores"].values())
     top = max(scores)
     log_z = top + math.log(sum(math.exp(v - top) for v in scores))
@@ -100,7 +106,8 @@ def select_weak(
     rows = []
     for r in sorted(chosen, key=lambda r: r["id"]):
         e = by_id[r["id"]]
-        rows.append({"id": e.id, "text": e.text, "aspect": e.aspect, "label": spec.labels[e.label],
+        label = [list(t) for t in e.tuples] if spec.extraction else spec.labels[e.label]
+        rows.append({"id": e.id, "text": e.text, "aspect": e.aspect, "label": label,
                      "prediction": r["prediction"], "margin": margin(r), "hash": content_hash(e.text, e.aspect)})
     test = test_hashes(spec)
     overlap = [row for row in rows if row["hash"] in test]
@@ -118,10 +125,12 @@ def select_weak(
 
 
 def weak_spec(spec: TaskSpec, path: Path) -> TaskSpec:
-    """Returns the task with its weak data as the only (validation) split, in the JSONL layout `select_weak` returns."""
+    """Returns the task with its weak data as the only (validation) split, in the JSONL layout `select_weak` returns
+    (an extraction task's tuples in answer order)."""
     return dataclasses.replace(
         spec, splits={"validation": str(Path(path).resolve())}, format="jsonl", text_field="text", label_field="label",
-        aspect_field="aspect" if spec.aspect_field else None, id_field="id", source=str(path))
+        aspect_field="aspect" if spec.aspect_field else None, id_field="id", source=str(path), split_options={},
+        file_slots=spec.slots)
 
 
 def check_no_test_content(spec: TaskSpec, path: Path) -> None:

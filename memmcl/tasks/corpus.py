@@ -12,17 +12,20 @@ def embedded_corpus(seed: int = 0) -> list[str]:
     """Returns the unlabelled pretraining text of the tiny backbone, from train and validation splits (never test).
 
     Each input appears as plain text and once in the plain prompt format with an answer word drawn uniformly at
-    random from its task's answers: the base learns the answer *format* (as an instruction-tuned LLM knows it)
+    random from its task's answers (extraction tasks: a random sentence's tuples): the base learns the answer *format* (as an instruction-tuned LLM knows it)
     but no label, so its zero-shot accuracy stays at chance and experts have everything to learn.
     """
-    from memmcl.tasks.prompts import prompt_body
+    from memmcl.tasks.prompts import answer_text, prompt_body
 
     rng = random.Random(seed)
     texts: list[str] = []
     for name in embedded_task_names():
         spec = load_task_spec(name)
         for split in ("train", "validation"):
-            for ex in read_split(spec, split):
+            examples = read_split(spec, split)
+            for ex in examples:
                 texts.append(ex.text if ex.aspect is None else f"{ex.text} {ex.aspect}")
-                texts.append(f"{prompt_body(spec, ex.text, ex.aspect, [])} {rng.choice(spec.answers)}")
+                # extraction: another sentence's tuples (the answer format, not this sentence's answer)
+                answer = answer_text(spec, rng.choice(examples)) if spec.extraction else rng.choice(spec.answers)
+                texts.append(f"{prompt_body(spec, ex.text, ex.aspect, [])} {answer}")
     return texts

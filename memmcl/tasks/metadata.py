@@ -14,7 +14,8 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 @dataclass(frozen=True)
 class TaskMetadata:
-    """Per-task features: class count, split sizes, label entropy/imbalance, input length in tokens, lexical diversity."""
+    """Per-task features: class count, split sizes, label entropy/imbalance, input length in tokens, lexical diversity;
+    the size of an answer (extraction: the tuples of a sentence, the share without any; labels counted over tuples)."""
 
     name: str
     group: str
@@ -28,6 +29,9 @@ class TaskMetadata:
     input_tokens_p95: float
     type_token_ratio: float  # moving-average TTR over windows of 50 words, so it does not depend on split size
     train_test_duplicates: int
+    answer_values_mean: float = 1.0  # values to produce per example: 1 label, or tuples × slots
+    tuples_mean: float = 0.0  # extraction: tuples per training sentence
+    empty_share: float = 0.0  # extraction: share of training sentences without tuples
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +73,14 @@ def compute_metadata(spec: TaskSpec, splits: dict[str, list[Example]], tokenizer
     """Returns the metadata of a task from its splits (features from train) and a tokenizer (input lengths)."""
     train = splits["train"]
     labels = [e.label for e in train]
+    extra = {}
+    if spec.extraction:  # the sentiment slot's labels, counted over tuples
+        sentiment = spec.slots.index("sentiment") if "sentiment" in spec.slots else None
+        labels = [spec.labels.index(t[sentiment]) for e in train for t in e.tuples] if sentiment is not None else []
+        labels = labels or [0]
+        n_tuples = [len(e.tuples) for e in train]
+        extra = {"tuples_mean": sum(n_tuples) / len(train), "empty_share": n_tuples.count(0) / len(train),
+                 "answer_values_mean": sum(n_tuples) * len(spec.slots) / len(train)}
     h, h_norm = label_entropy(labels, spec.n_classes)
     counts = Counter(labels)
     imbalance = max(counts.values()) / min(counts.values()) if len(counts) == spec.n_classes else math.inf
@@ -86,4 +98,5 @@ def compute_metadata(spec: TaskSpec, splits: dict[str, list[Example]], tokenizer
         input_tokens_p95=_percentile(lengths, 0.95),
         type_token_ratio=moving_type_token_ratio([e.text for e in train]),
         train_test_duplicates=duplicates,
+        **extra,
     )

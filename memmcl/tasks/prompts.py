@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memmcl.tasks.extraction import render
 from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
 
@@ -24,6 +25,11 @@ def _block(spec: TaskSpec, text: str, aspect: str | None, answer: str | None) ->
     return "\n".join(lines)
 
 
+def answer_text(spec: TaskSpec, example: Example) -> str:
+    """Returns the gold answer of an example: its label's answer word, or an extraction task's tuples as target text."""
+    return render(example.tuples) if spec.extraction else spec.answers[example.label]
+
+
 def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -36,7 +42,8 @@ def prompt_body(spec: TaskSpec, text: str, aspect: str | None, demos: list[Demon
 def _prompt_text(tokenizer, spec: TaskSpec, text: str, aspect: str | None, demos: list[Demonstration]) -> str:
     body = prompt_body(spec, text, aspect, demos)
     if uses_chat_template(tokenizer):
-        messages = [{"role": "user", "content": body.removesuffix("Answer:").rstrip() + "\nAnswer with one word."}]
+        ask = "Answer in the format above." if spec.extraction else "Answer with one word."
+        messages = [{"role": "user", "content": body.removesuffix("Answer:").rstrip() + "\n" + ask}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return body
 
@@ -47,6 +54,12 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     if not ids:
         raise TaskError(f"answer word {answer!r} tokenizes to nothing")
     return ids
+
+
+def target_ids(tokenizer, spec: TaskSpec, example: Example) -> list[int]:
+    """Returns an extraction example's answer ids: its target text, then the end-of-sequence token that stops
+    generation."""
+    return answer_ids(tokenizer, answer_text(spec, example)) + [tokenizer.eos_token_id]
 
 
 def _encode(tokenizer, prompt: str) -> list[int]:

@@ -1,0 +1,80 @@
+"""Batched greedy decoding for extraction tasks: the shared prompt prefix encoded once, a key/value cache, rows that
+finish dropped from the batch.
+
+The prompts of a chunk share a prefix (chat template, instruction, a fixed demonstration set); it runs once at batch
+1 and its keys/values are repeated for every row. Each row's own suffix follows, left-padded against the prefix
+(`[prefix][pad…][suffix]`, the padding masked out, positions continuing the prefix), so every row's last prompt
+token sits in the last column. Then one token per step for every unfinished row; a row stops at an end token or at
+its token budget, and finished rows leave the cache. The tokens equal `model.generate(do_sample=False)` on each
+prompt alone, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memmcl.experts.scoring import MIN_SHARED_PREFIX, output_cache, shared_prefix_length, with_cache
+
+
+@torch.no_grad()
+def generate_greedy(model, prompts: list[list[int]], pad_id: int, stop_ids: set[int] | list[int],
+                    max_new_tokens: int | list[int], chunk_size: int = 64, share_prefix: bool = True) -> list[list[int]]:
+    """Returns each prompt's greedy continuation: its tokens up to (not including) the first of `stop_ids`, at most
+    `max_new_tokens` (one budget, or one per prompt)."""
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), chunk_size):
+        stop = min(start + chunk_size, len(prompts))
+        out.extend(_generate_chunk(model, prompts[start:stop], pad_id, set(stop_ids), budgets[start:stop], share_prefix))
+    return out
+
+
+def _generate_chunk(model, prompts, pad_id: int, stop_ids: set[int], budgets: list[int], share_prefix: bool):
+    device = next(model.parameters()).device
+    B = len(prompts)
+    length = shared_prefix_length(prompts, keep=1) if share_prefix else 0
+    cache = None
+    if length >= MIN_SHARED_PREFIX:
+        cache = output_cache(model(input_ids=torch.tensor([prompts[0][:length]], device=device), use_cache=True))
+        cache.batch_repeat_interleave(B)
+    else:
+        length = 0
+    suffixes = [p[length:] for p in prompts]
+    width = max(map(len, suffixes))
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, length + width), dtype=torch.long)
+    mask[:, :length] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, length + width - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
+    kwargs = with_cache(model, cache) if cache is not None else {}
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+    cache = output_cache(result)
+    logits = result.logits[:, -1]
+    last = positions[:, -1]
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    active = torch.arange(B)
+    budget = torch.tensor(budgets)
+    while True:
+        nxt = logits.argmax(-1).cpu()
+        keep = []
+        for row, (i, token) in enumerate(zip(active.tolist(), nxt.tolist(), strict=True)):
+            if token in stop_ids or budget[i] <= 0:
+                continue
+            tokens[i].append(token)
+            if len(tokens[i]) < budget[i]:
+                keep.append(row)
+        if not keep:
+            return tokens
+        if len(keep) < len(active):
+            rows = torch.tensor(keep)
+            cache.batch_select_indices(rows.to(device))
+            active, nxt, mask, last = active[rows], nxt[rows], mask[rows.to(device)], last[rows.to(device)]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+        last = last + 1
+        result = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last[:, None],
+                       use_cache=True, **with_cache(model, cache))
+        cache = output_cache(result)
+        logits = result.logits[:, -1]
