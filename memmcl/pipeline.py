@@ -133,6 +133,10 @@ class Pipeline:
         """Checks every setting that a later phase would reject, so a bad one fails before any expert is trained."""
         check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
                                 self.demos, self.difficulty_weights, [s.name for s in self.specs], self.multitask)
+        extraction = [s.name for s in self.specs if s.extraction]
+        if self.expert.tangent and extraction:
+            raise PipelineError(f"expert.tangent: tangent experts score labels; extraction task(s) {extraction} are "
+                                "generated; expected expert.tangent: false or classification tasks only")
         if self.backbone not in BACKBONES:  # a local directory must exist now (registered ones are built when used)
             try:
                 resolve_backbone(self.backbone)

@@ -47,6 +47,7 @@ class LabelScoringModule(L.LightningModule):
     """
 
     log_eval_to_logger = True
+    generates = True  # can evaluate extraction tasks (greedy generation in `self.model`)
     results: dict[str, dict[str, dict[str, float]]]
     correct: dict[str, dict[str, dict[str, bool]]]
 
@@ -57,6 +58,9 @@ class LabelScoringModule(L.LightningModule):
             self.results, self.correct, self._outcomes = {}, {}, []
         if getattr(self, "specs", None) == specs:
             return
+        if not self.generates and (extraction := [s.name for s in specs if s.extraction]):
+            raise ExpertError(f"{type(self).__name__} scores labels; extraction task(s) {extraction} are generated; "
+                              "expected classification tasks (or an ordinary LoRA expert)")
         self.specs = specs
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleList([

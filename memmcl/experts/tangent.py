@@ -174,6 +174,8 @@ class TangentExpert(LabelScoringModule):
         export_dir: where `fit` writes the expert (peft adapter + expert.yaml); default `<log_dir>/expert`.
     """
 
+    generates = False  # its model is the tangent expansion, scored per label
+
     def __init__(
         self,
         backbone: str = "tiny",

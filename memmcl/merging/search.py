@@ -149,6 +149,9 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"experts {[str(p) for p in self.expert_dirs]}: tangent and ordinary LoRA experts mixed "
                              "(expert.yaml: tangent); expected one kind")
         self.tangent = tangent.pop()
+        if self.tangent and any(s.extraction for s in self.expert_specs):
+            raise MergeError(f"experts {[s.name for s in self.expert_specs if s.extraction]}: extraction tasks are "
+                             "generated, and tangent experts score labels only; expected ordinary LoRA experts")
         if self.tangent and method != "linear":
             raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
