@@ -26,8 +26,11 @@ def _load(path: Path, what: str):
 
 
 def accuracy_matrix(results: dict, metric: str = "acc") -> dict[str, dict[str, float]]:
-    """Returns {column: {task: value}} with the evolved group merge read on each task of its own group."""
+    """Returns {column: {task: value}} with the evolved group merge read on each task of its own group (a run written
+    before tasks had their own metric reads accuracy as `metric`)."""
     models, groups = results["models"], results["groups"]
+    if metric == "metric":
+        models = {m: {t: {"metric": r.get("metric", r["acc"])} for t, r in per.items()} for m, per in models.items()}
     out: dict[str, dict[str, float]] = {}
     for column in MODEL_COLUMNS:
         if column == "evolved_group":

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from memmcl.datamodule import IGNORE_INDEX, MultiTaskDataModule, TaskDataModule, TaskMixtureSampler
+from memmcl.tasks.extraction import render
 from memmcl.tasks.prompts import Demonstration, build_prompt
 from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, embedded_task_names, load_task_spec
@@ -22,7 +23,11 @@ def test_every_embedded_task_masks_all_but_the_answer(suite):
         batch = suite._loader(items, 4, None).collate_fn(items)
         for i, item in enumerate(items):
             kept = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
-            assert tok.decode(kept).strip() == spec.answers[item["label"]], name
+            if spec.extraction:  # the target text, then the end token that stops generation
+                example = next(e for e in suite.examples[name]["train"] if e.id == item["id"])
+                assert kept[-1] == tok.eos_token_id and tok.decode(kept[:-1]).strip() == render(example.tuples), name
+            else:
+                assert tok.decode(kept).strip() == spec.answers[item["label"]], name
             assert batch["input_ids"][i][-len(kept):].tolist() == kept.tolist()  # left padding: the answer ends the row
         assert (batch["attention_mask"].sum(-1) == torch.tensor([len(it["prompt"]) + len(it["answers"][it["label"]]) for it in items])).all()
 
@@ -34,6 +39,8 @@ def test_metadata_differs_as_the_suite_intends(suite):
     assert md["hate"].imbalance > md["sc_3class"].imbalance  # hate speech is the rare class
     assert md["absa_restaurant"].input_tokens_mean > md["emotion"].input_tokens_mean  # several aspects per sentence
     assert md["absa_restaurant"].type_token_ratio > md["comparative"].type_token_ratio
+    assert md["aste_synthetic"].answer_values_mean == pytest.approx(1.5 * md["uabsa_synthetic"].answer_values_mean)
+    assert 0 < md["uabsa_synthetic"].empty_share < 0.5 and md["sc_binary"].answer_values_mean == 1
     for m in md.values():
         assert m.split_sizes == {"train": 300, "validation": 100, "test": 100}
         assert 0 < m.label_entropy_norm <= 1 and m.input_tokens_p95 >= m.input_tokens_mean

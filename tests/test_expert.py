@@ -154,7 +154,7 @@ def test_ddp_reports_the_same_metrics_as_one_process(expert, data, tmp_path, tin
     expert.save_expert(tmp_path / "adapter")
     single = _validate(tmp_path, "one", tmp_path / "adapter", [])
     ddp = _validate(tmp_path, "ddp", tmp_path / "adapter", ["--trainer.strategy=ddp", "--trainer.devices=2"])
-    assert set(single) == {"val/acc", "val/sc_binary/acc", "val/sc_binary/f1"}
+    assert set(single) == {"val/acc", "val/metric", "val/sc_binary/acc", "val/sc_binary/f1", "val/sc_binary/metric"}
     assert single == pytest.approx(ddp, abs=1e-6)
 
 

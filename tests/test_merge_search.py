@@ -170,7 +170,7 @@ def test_ga_search_runs_its_own_random_stream(experts, tmp_path):
 
 
 def test_protect_fitness_weights_the_worst_group():
-    results = {"a": {"acc": 1.0}, "b": {"acc": 0.8}, "c": {"acc": 0.0}}
+    results = {"a": {"metric": 1.0}, "b": {"metric": 0.8}, "c": {"metric": 0.0}}
     task_group = {"a": "SC", "b": "SC", "c": "MAST"}
     units = stage_units(list(results), task_group)
     assert units == {"SC": ["a", "b"], "MAST": ["c"]}
@@ -178,7 +178,7 @@ def test_protect_fitness_weights_the_worst_group():
     assert scalar_fitness(results, units, {}, "mean", 1.0) == pytest.approx(0.6)
     assert scalar_fitness(results, units, {}, "protect", 1.0) == pytest.approx((0.6 + 0.0) / 2)
     # a merge that keeps every group beats one with a higher mean that gives MAST away
-    balanced = {"a": {"acc": 0.7}, "b": {"acc": 0.6}, "c": {"acc": 0.4}}
+    balanced = {"a": {"metric": 0.7}, "b": {"metric": 0.6}, "c": {"metric": 0.4}}
     assert scalar_fitness(balanced, units, {}, "mean", 1.0) < scalar_fitness(results, units, {}, "mean", 1.0)
     assert scalar_fitness(balanced, units, {}, "protect", 1.0) > scalar_fitness(results, units, {}, "protect", 1.0)
 

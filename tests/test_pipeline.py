@@ -170,24 +170,25 @@ REAL_DATA = ROOT.parent / "shared" / "realdata"
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/realdata is not beside the project")
 def test_real_tasks_given_by_relative_spec_paths_run_from_another_directory(tmp_path, tiny_dir, monkeypatch):
-    """Two real tasks (SC, ABSA) through experts, weak data, merges and evaluation, specs named relative to a working
+    """Two real tasks (SC classification, ABSA extraction) through experts, weak data, merges and evaluation, specs
+    named relative to a working
     directory the run then leaves; weak data comes from the capped training sample the experts saw."""
     start = tmp_path / "project"
     start.mkdir()
     monkeypatch.chdir(start)
-    tasks = [os.path.relpath(ROOT / "configs" / "real" / f"{t}.yaml", start) for t in ("sst2", "asc_lap14")]
+    tasks = [os.path.relpath(ROOT / "configs" / "real" / f"{t}.yaml", start) for t in ("sst2", "uabsa_rest14")]
     assert not Path(tasks[0]).is_absolute()
-    run = Pipeline(name="real", root=str(tmp_path / "runs"), backbone=str(tiny_dir), tasks=tasks, max_length=96,
+    run = Pipeline(name="real", root=str(tmp_path / "runs"), backbone=str(tiny_dir), tasks=tasks, max_length=256,
                    max_eval_examples=20, data_dir=str(REAL_DATA),
                    expert=ExpertConfig(lora_r=2, lora_alpha=4, max_epochs=1, batch_size=8, max_train_examples=24),
                    merge=MergeConfig(population=2, generations=1, max_weak_examples=8, min_weak_examples=4),
                    demonstrations=DemoConfig(k=0), trainer=TrainerConfig(progress_bar=False))
     monkeypatch.chdir(tmp_path)  # saved expert specs must not depend on where the run started
     results = run.run()
-    assert set(results["models"]["evolved_global"]) == {"sst2", "asc_lap14"}
+    assert set(results["models"]["evolved_global"]) == {"sst2", "uabsa_rest14"}
     assert all(r["acc"] >= 0 for m in results["models"].values() for r in m.values())
     weak = yaml.safe_load((tmp_path / "runs" / "real" / "weak" / "summary.yaml").read_text())
-    assert {t: weak[t]["train"] for t in ("sst2", "asc_lap14")} == {"sst2": 24, "asc_lap14": 24}
+    assert {t: weak[t]["train"] for t in ("sst2", "uabsa_rest14")} == {"sst2": 24, "uabsa_rest14": 24}
     losses = json.loads((tmp_path / "runs" / "real" / "weak" / "sst2.example_loss.json").read_text())
     assert len(losses) == 24 and all(i.startswith("sst-train-") for i in losses)
     saved = yaml.safe_load((tmp_path / "runs" / "real" / "experts" / "sst2" / "expert" / "expert.yaml").read_text())

@@ -74,7 +74,7 @@ def test_training_fits_the_task_and_the_penalty_keeps_other_tasks_still(tiny_dir
         L.seed_everything(0)
         e = expert(tiny_dir, off_task_weight=weight, lr=0.05, export_dir=str(tmp_path / f"expert{weight}"))
         e.set_off_task({"sc_5class": list(zip(off_prompts, off_answers, strict=True))})
-        trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        trainer = L.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(e, dm)
         assert (tmp_path / f"expert{weight}" / "expert.yaml").exists()  # fit exports the expert where it was told
