@@ -106,7 +106,8 @@ def check_tuples(spec: TaskSpec, raw, text: str, where: str, file_slots: tuple[s
 
 @dataclass
 class TupleCounts:
-    """Exact-match counts of one task: matched tuples, predicted, gold; exact sets; malformed answers; examples."""
+    """Exact-match counts of one task: matched tuples, predicted, gold; exact sets (a malformed answer never is one);
+    malformed answers; examples."""
 
     tp: int = 0
     predicted: int = 0
@@ -117,12 +118,12 @@ class TupleCounts:
 
     def add(self, predicted: tuple[Tuple, ...] | None, gold: tuple[Tuple, ...]) -> None:
         self.malformed += predicted is None
+        self.exact += predicted is not None and set(predicted) == set(gold)
         predicted = predicted or ()
         p, g = Counter(predicted), Counter(gold)
         self.tp += sum((p & g).values())
         self.predicted += sum(p.values())
         self.gold += sum(g.values())
-        self.exact += set(predicted) == set(gold)
         self.n += 1
 
     def scores(self) -> dict[str, float]:
