@@ -114,7 +114,9 @@ class LabelScoringModule(L.LightningModule):
     def _eval_epoch_end(self, split: str) -> None:
         """Computes per-task accuracy / macro-F1 (synced across ranks), keeps them in `self.results[split]`, logs them;
         after a test epoch keeps every rank's per-example correctness in `self.correct["test"]`."""
-        counts = [dataclass_sum(c) for c in zip(*gather_records([self.tuple_counts[split]]), strict=True)]
+        counts = self.tuple_counts[split]
+        if any(s.extraction for s in self.specs):  # every rank's counts, summed (one collective; none without any)
+            counts = [dataclass_sum(c) for c in zip(*gather_records([counts]), strict=True)]
         self.tuple_counts[split] = [TupleCounts() for _ in self.specs]
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in self.metrics[split]:
