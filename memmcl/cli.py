@@ -109,7 +109,7 @@ def pipeline_main(args: list[str]) -> None:
     if rank_zero_only.rank == 0:
         means = results["means"]
         width = max(len(m) for m in means)
-        print("\n".join([f"mean test accuracy over {len(results['groups'])} tasks:",
+        print("\n".join([f"mean test score (each task's metric) over {len(results['groups'])} tasks:",
                          *(f"  {m:{width}s} {v['overall']:.3f}" for m, v in means.items()),
                          f"report: {pipeline.run_dir / 'report' / 'report.md'}",
                          f"tensorboard --logdir {pipeline.run_dir / 'tensorboard'}"]))
@@ -126,12 +126,55 @@ def report_main(args: list[str]) -> None:
     print(write_report(parser.parse_args(args).run_dir))
 
 
-# The seven verbs of `memmcl`, in the order a newcomer needs them: (one line for `memmcl --help`, handler); a
+def data_main(args: list[str]) -> None:
+    """`memmcl data fetch | build | check`: the real-task data folder from the pinned public sources."""
+    from jsonargparse import ArgumentParser
+
+    from memmcl.data import build as data_build
+    from memmcl.data.fetch import fetch
+
+    parser = ArgumentParser(prog="memmcl data", description="Builds the real-task data folder that configs/real/ reads "
+                            "from the public corpora, each pinned to a commit and the SHA-256 of every file.")
+    commands = parser.add_subcommands(dest="command")
+    p_fetch = ArgumentParser(description="download the pinned source files (resumes; verified before use)")
+    p_fetch.add_argument("--dest", type=str, default="sources", help="the source folder (<owner>+<repo>/<path>)")
+    p_fetch.add_argument("--repos", type=list[str] | None, default=None, help="only these repositories")
+    p_build = ArgumentParser(description="build the data folder from a source folder (offline)")
+    p_build.add_argument("--source", type=str, default="sources", help="the source folder (memmcl data fetch --dest)")
+    p_build.add_argument("--out", type=str, default="realdata", help="the data folder to write (data_dir)")
+    p_build.add_argument("--tasks", type=list[str] | None, default=None, help="only these tasks (default: all)")
+    p_build.add_argument("--seed", type=int, default=0, help="the seed of the row order and validation samples")
+    p_build.add_argument("--force", type=bool, default=False, help="replace an existing data folder")
+    p_check = ArgumentParser(description="read every task of a data folder as a run reads it; print row counts")
+    p_check.add_argument("folder", type=str, help="a data folder (memmcl data build --out)")
+    p_check.add_argument("--tasks", type=list[str] | None, default=None, help="only these tasks")
+    commands.add_subcommand("fetch", p_fetch)
+    commands.add_subcommand("build", p_build)
+    commands.add_subcommand("check", p_check)
+    cfg = parser.parse_args(args)
+    sub = cfg[cfg.command]
+    if cfg.command == "fetch":
+        counts = fetch(sub.dest, sub.repos)
+        print(f"{sub.dest}: {counts['downloaded']} file(s) downloaded, {counts['present']} already there, all verified")
+    elif cfg.command == "build":
+        report = data_build.build(sub.source, sub.out, sub.tasks, sub.seed, sub.force)
+        for task, c in report["tasks"].items():
+            dropped = c.get("train_test_overlap_dropped", 0) + c.get("dev_test_overlap_dropped", 0)
+            print(f"  {task:16s} train {c['train']:6d}  validation {c['validation']:4d}  test overlap dropped {dropped}")
+        print(f"{sub.out}: {len(report['tasks'])} task(s); build report {data_build.REPORT}; "
+              f"memmcl pipeline ... --data_dir {sub.out}")
+    else:
+        for task, counts in data_build.check(sub.folder, sub.tasks).items():
+            print(f"  {task:16s} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+# The eight verbs of `memmcl`, in the order a newcomer needs them: (one line for `memmcl --help`, handler); a
 # handler of None is a LightningCLI subcommand (`memmcl <verb> --help` lists its options).
 VERBS: dict[str, tuple[str, object]] = {
     "pipeline": ("the whole method over one run directory: experts, weak data, difficulty, merges, evaluation, "
                  "report (configs/demo/pipeline.yaml)", pipeline_main),
     "report": ("re-render report.md and the plots of a run directory (runs/<name>)", report_main),
+    "data": ("build the real-task data folder from the pinned public corpora: fetch, build, check", data_main),
     "fit": ("train a LoRA expert, or one multi-task adapter with the CurriculumSampler (configs/demo/expert.yaml)", None),
     "validate": ("score a model on the validation splits", None),
     "test": ("score a model on the test splits", None),
