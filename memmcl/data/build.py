@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from memmcl.data.recipes import RECIPES, Recipe, Row
-from memmcl.data.sources import DataBuildError, load_sources, verify
+from memmcl.data.sources import DataBuildError, Source, load_sources, verify
 
 MAX_VALIDATION = 300
 REPORT = "build_report.json"
@@ -35,9 +35,9 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def build_task(recipe: Recipe, root: Path, seed: int) -> tuple[dict[str, list[Row]], dict]:
+def build_task(recipe: Recipe, root: Path, seed: int, sources: dict[str, Source] | None = None) -> tuple[dict, dict]:
     """Returns a task's {train, validation} rows and its counts, from the source folder `root` (files verified)."""
-    source = load_sources()[recipe.repo]
+    source = (sources or load_sources())[recipe.repo]
     read = {role: recipe.read(source.local(root, path), role) for role, path in recipe.files.items()}
     test = {normalise(r["text"]) for r in read["test"]}
     counts: dict = {"source": {role: len(rows) for role, rows in read.items()}}
@@ -71,9 +71,11 @@ def write_csv(path: Path, rows: list[Row], columns: list[str]) -> None:
 
 
 def build(source: str | os.PathLike, out: str | os.PathLike, tasks: list[str] | None = None, seed: int = 0,
-          force: bool = False) -> dict:
-    """Builds the data folder `out` from the source folder `source`; returns the build report."""
+          force: bool = False, sources: dict[str, Source] | None = None) -> dict:
+    """Builds the data folder `out` from the source folder `source` (of the pinned `sources`, default
+    `sources.yaml`); returns the build report."""
     root, out = Path(source), Path(out)
+    sources = sources or load_sources()
     unknown = sorted(set(tasks or []) - set(RECIPES))
     if unknown:
         raise DataBuildError(f"memmcl data build: unknown task(s) {unknown}; expected some of {sorted(RECIPES)}")
@@ -83,14 +85,14 @@ def build(source: str | os.PathLike, out: str | os.PathLike, tasks: list[str] | 
         raise DataBuildError(f"--source {root}: no such folder; expected the sources as memmcl data fetch writes them")
     recipes = [RECIPES[t] for t in (tasks or sorted(RECIPES))]
     for recipe in recipes:  # every file verified before any work
-        verify(root, load_sources()[recipe.repo], sorted(set(recipe.files.values())))
+        verify(root, sources[recipe.repo], sorted(set(recipe.files.values())))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    report = {"seed": seed, "sources": {r.repo: load_sources()[r.repo].commit for r in recipes}, "tasks": {}}
+    report = {"seed": seed, "sources": {r.repo: sources[r.repo].commit for r in recipes}, "tasks": {}}
     try:
         for recipe in recipes:
-            splits, counts = build_task(recipe, root, seed)
+            splits, counts = build_task(recipe, root, seed, sources)
             (tmp / recipe.task).mkdir(parents=True)
             for split, rows in splits.items():
                 write_csv(tmp / recipe.task / f"{split}.csv", rows, recipe.columns)

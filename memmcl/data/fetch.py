@@ -12,14 +12,15 @@ from memmcl.data.sources import DataBuildError, Source, file_sha256, load_source
 Opener = Callable[[urllib.request.Request], object]  # urllib.request.urlopen or a test's stand-in
 
 
-def fetch(dest: str | os.PathLike, repos: list[str] | None = None, opener: Opener | None = None) -> dict[str, int]:
+def fetch(dest: str | os.PathLike, repos: list[str] | None = None, opener: Opener | None = None,
+          sources: dict[str, Source] | None = None) -> dict[str, int]:
     """Downloads every pinned file not yet in `dest` with its hash; returns {"downloaded": n, "present": n}.
 
     A partial download (`<file>.part`) resumes with an HTTP Range request; a finished file whose hash is not the
     pinned one is removed and is an error naming the source and file, never used.
     """
     opener = opener or (lambda request: urllib.request.urlopen(request, timeout=60))
-    sources = load_sources()
+    sources = sources or load_sources()
     unknown = sorted(set(repos or []) - set(sources))
     if unknown:
         raise DataBuildError(f"memmcl data fetch: unknown source(s) {unknown}; expected some of {sorted(sources)}")
