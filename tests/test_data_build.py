@@ -14,7 +14,26 @@ from memmcl.data.sources import DataBuildError, Source, file_sha256, load_source
 
 GEN = "IsakZhang/Generative-ABSA"
 QUAD = "IsakZhang/ABSA-QUAD"
+SST, TWEETEVAL, ASC = "prrao87/fine-grained-sentiment", "cardiffnlp/tweeteval", "gaozhengjie/ABSA-Data-Set"
+S17 = "cbaziotis/datastories-semeval2017-task4"
 FIXTURES = {
+    (SST, "data/sst/sst_train.txt"): ["__label__5\tA joy .", "__label__3\tIt exists .", "__label__1\tDull , dull .",
+                                      "__label__2\tNo. .", "__label__4\tSeen it before ."],
+    (SST, "data/sst/sst_dev.txt"): ["__label__4\tFine .", "__label__2\tWeak .", "__label__3\tMeh ."],
+    (SST, "data/sst/sst_test.txt"): ["__label__2\tNo . .", "__label__3\tseen it before"],  # normalised: = train
+    (TWEETEVAL, "datasets/hate/mapping.txt"): ["0\tnot-hate", "1\thate"],
+    (TWEETEVAL, "datasets/hate/train_text.txt"): ["I love this ", "", "Go away you lot ", "same as dev "],
+    (TWEETEVAL, "datasets/hate/train_labels.txt"): ["0", "0", "1", "0"],
+    (TWEETEVAL, "datasets/hate/val_text.txt"): ["Same as   DEV", "nice day"],
+    (TWEETEVAL, "datasets/hate/val_labels.txt"): ["0", "0"],
+    (TWEETEVAL, "datasets/hate/test_text.txt"): ["a test tweet"],
+    (TWEETEVAL, "datasets/hate/test_labels.txt"): ["1"],
+    (ASC, "V1去除conflict/Restaurants_Train.xml.seg"): ["The $T$ was good but the service slow .", "food", "1",
+                                                       "The food was good but the $T$ slow .", "service", "-1",
+                                                       "Nice $T$ .", "view", "1"],
+    (ASC, "V1去除conflict/Restaurants_Test_Gold.xml.seg"): ["The $T$ is fine .", "menu", "0"],
+}
+FIXTURES.update({
     (GEN, "data/uabsa/rest15/train.txt"): ["The staff was rude .####[([1], 'NEG')]",
                                            "Great pizza and cheap beer .####[([1], 'POS'), ([4], 'POS')]",
                                            "We left .####[]",
@@ -25,7 +44,7 @@ FIXTURES = {
                                       "Worth it .####[['NULL', 'restaurant prices', 'positive', 'Worth']]"],
     (QUAD, "data/rest15/dev.txt"): ["Bad wine .####[['wine', 'drinks quality', 'negative', 'Bad']]"],
     (QUAD, "data/rest15/test.txt"): ["Other .####[]"],
-}
+})
 
 
 @pytest.fixture
@@ -60,11 +79,39 @@ def test_build_writes_the_layout_configs_real_reads(sources, tmp_path):
     quad = {r["text"]: r["label_text"] for r in rows(out / "asqp_rest15" / "train.csv")}
     assert quad["Worth it ."] == "[('restaurant prices', 'NULL', 'Worth', 'positive')]"  # slot order of the spec
     assert report["tasks"]["asqp_rest15"] == {"source": {"train": 2, "dev": 1, "test": 1}, "train_test_overlap_dropped": 0,
-                                              "dev_test_overlap_dropped": 0, "train": 2, "validation": 1}
+                                              "dev_test_overlap_dropped": 0, "train_dev_overlap_dropped": 0,
+                                              "train": 2, "validation": 1}
     assert json.loads((out / data_build.REPORT).read_text())["tasks"].keys() == {"uabsa_rest15", "asqp_rest15"}
     # read back as a run reads it, through the shipped specs
     assert data_build.check(out, ["uabsa_rest15", "asqp_rest15"]) == {"uabsa_rest15": {"train": 3, "validation": 2},
                                                                       "asqp_rest15": {"train": 2, "validation": 1}}
+
+
+def test_classification_sources_build_with_their_labels_and_ids(sources, tmp_path, monkeypatch):
+    root, pinned = sources
+    monkeypatch.setattr(data_build, "MAX_VALIDATION", 2)
+    report = data_build.build(root, tmp_path / "out", ["sst2", "sst5", "hate", "asc_rest14"], sources=pinned)
+    sst5 = {r["text"]: (r["id"], r["label_text"]) for r in rows(tmp_path / "out" / "sst5" / "train.csv")}
+    # `No. .` and `Seen it before .` stand in test (letters and digits compared): dropped
+    assert sst5 == {"A joy .": ("sst-train-1", "very positive"), "It exists .": ("sst-train-2", "neutral"),
+                    "Dull , dull .": ("sst-train-3", "very negative")}
+    assert {r["text"] for r in rows(tmp_path / "out" / "sst2" / "train.csv")} == {"A joy .", "Dull , dull ."}
+    assert {r["label_text"] for r in rows(tmp_path / "out" / "sst2" / "validation.csv")} <= {"positive", "negative"}
+    assert len(rows(tmp_path / "out" / "sst5" / "validation.csv")) == 2  # the dev split, sampled to MAX_VALIDATION
+    hate = rows(tmp_path / "out" / "hate" / "train.csv")
+    # the empty line is skipped; 'same as dev' is in the dev split (normalised): dropped from train
+    assert sorted((r["id"], r["text"], r["label_text"]) for r in hate) == [
+        ("tweeteval-hate-train-1", "I love this", "non-hate"), ("tweeteval-hate-train-3", "Go away you lot", "hate")]
+    assert report["tasks"]["hate"]["train_dev_overlap_dropped"] == 1
+    asc_train = rows(tmp_path / "out" / "asc_rest14" / "train.csv")
+    asc_val = rows(tmp_path / "out" / "asc_rest14" / "validation.csv")
+    # no dev split: whole sentences held out (both aspects of the first sentence stay together)
+    assert {r["text"] for r in asc_train}.isdisjoint({r["text"] for r in asc_val})
+    assert len(asc_train) + len(asc_val) == 3 and len(asc_val) in (1, 2)
+    assert {(r["id"], r["aspect"], r["label_text"]) for r in asc_train + asc_val} == {
+        ("rest14-train-1", "food", "positive"), ("rest14-train-2", "service", "negative"),
+        ("rest14-train-3", "view", "positive")}
+    assert data_build.check(tmp_path / "out", ["sst5", "hate", "asc_rest14"])["hate"] == {"train": 2, "validation": 2}
 
 
 def test_build_is_seeded(sources, tmp_path):
@@ -152,6 +199,7 @@ def test_fetch_resumes_and_verifies(sources, tmp_path):
 def test_every_task_has_pinned_files_and_a_real_spec():
     pinned = load_sources()
     for task, recipe in RECIPES.items():
-        assert set(recipe.files.values()) <= set(pinned[recipe.repo].files), task
+        for repo in recipe.repos:
+            assert {p for f in recipe.files.values() for r, p in f if r == repo} <= set(pinned[repo].files), task
+            assert len(pinned[repo].commit) == 40
         assert data_build.real_spec(task).exists(), task
-        assert len(pinned[recipe.repo].commit) == 40

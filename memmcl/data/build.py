@@ -3,10 +3,11 @@
 Rules, for every task (`memmcl.data.recipes` says where each task's rows come from):
 - label names are the task spec's (`configs/real/<task>.yaml`); extraction tuples are word tuples in the spec's slot
   order, written as a Python-literal list (`[('waitress', 'positive')]`, `[]` for none);
-- every train / validation row whose text, normalised (lower case, whitespace collapsed), occurs in the corpus's
-  standard test split is dropped, and counted;
-- validation is the corpus's standard dev split, or, where it has none, 300 training sentences held out (every row of
-  a held-out sentence goes with it); at most 300 rows (`MAX_VALIDATION`), a seeded sample;
+- every train / validation row whose text, normalised (`normalise`: lower-cased letters and digits), occurs in the
+  corpus's standard test split is dropped, and counted; so is every train row whose text occurs in the dev split;
+- validation is the corpus's standard dev split, at most 300 rows (`MAX_VALIDATION`, a seeded sample), or, where it
+  has none (SemEval-2014 aspect terms), whole training sentences held out up to 300 rows (every row of a sentence
+  goes with it); twitter keeps one row per text (its sources repeat tweets across years);
 - train and validation rows are written in a seeded random order (`seed`), CSV, UTF-8, header `id,text,label_text`
   plus the task's own columns (`aspect`, `domain`);
 - the build report (`build_report.json` in the folder) holds per task and split the rows read, dropped and written.
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -32,31 +34,62 @@ REPORT = "build_report.json"
 
 
 def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
+    """Returns the text compared for overlaps: its lower-cased letters and digits only (`No. .` = `No . .`); a text
+    with none of them, lower-cased with whitespace collapsed."""
+    key = re.sub(r"[\W_]+", "", text.lower())
+    return key or " ".join(text.lower().split())
+
+
+def hold_out(rows: list[Row], rng: random.Random) -> tuple[list[Row], list[Row]]:
+    """Returns (train, validation): whole sentences (every row of one) held out, in a seeded order, as long as they
+    fit `MAX_VALIDATION` rows, from a corpus without a dev split."""
+    by_text: dict[str, list[Row]] = {}
+    for r in rows:
+        by_text.setdefault(r["text"], []).append(r)
+    texts = sorted(by_text)
+    rng.shuffle(texts)
+    held, n = set(), 0
+    for t in texts:
+        if n + len(by_text[t]) <= MAX_VALIDATION:
+            held.add(t)
+            n += len(by_text[t])
+        if n == MAX_VALIDATION:
+            break
+    return [r for r in rows if r["text"] not in held], [r for r in rows if r["text"] in held]
 
 
 def build_task(recipe: Recipe, root: Path, seed: int, sources: dict[str, Source] | None = None) -> tuple[dict, dict]:
     """Returns a task's {train, validation} rows and its counts, from the source folder `root` (files verified)."""
-    source = (sources or load_sources())[recipe.repo]
-    read = {role: recipe.read(source.local(root, path), role) for role, path in recipe.files.items()}
+    sources = sources or load_sources()
+
+    def local(repo: str, path: str) -> Path:
+        return sources[repo].local(root, path)
+
+    read = {role: recipe.read(local, role, files) for role, files in recipe.files.items()}
     test = {normalise(r["text"]) for r in read["test"]}
     counts: dict = {"source": {role: len(rows) for role, rows in read.items()}}
-    kept = {}
-    for role in ("train", "dev"):
-        if role in read:
-            kept[role] = [r for r in read[role] if normalise(r["text"]) not in test]
-            counts[f"{role}_test_overlap_dropped"] = len(read[role]) - len(kept[role])
     rng = random.Random(f"{seed}:{recipe.task}")
-    if "dev" in kept:
-        train, validation = kept["train"], kept["dev"]
-    else:  # hold out whole sentences: every row of a sentence stays on one side
-        sentences = sorted({r["text"] for r in kept["train"]})
-        held = set(rng.sample(sentences, min(MAX_VALIDATION, len(sentences) // 5)))
-        train = [r for r in kept["train"] if r["text"] not in held]
-        validation = [r for r in kept["train"] if r["text"] in held]
+    train = [r for r in read["train"] if normalise(r["text"]) not in test]
+    counts["train_test_overlap_dropped"] = len(read["train"]) - len(train)
+    if "dev" in read:
+        validation = [r for r in read["dev"] if normalise(r["text"]) not in test]
+        counts["dev_test_overlap_dropped"] = len(read["dev"]) - len(validation)
+        dev = {normalise(r["text"]) for r in read["dev"]}  # the whole dev split, also rows not sampled
+        kept = [r for r in train if normalise(r["text"]) not in dev]
+        counts["train_dev_overlap_dropped"], train = len(train) - len(kept), kept
+        rng.shuffle(validation)
+        validation = validation[:MAX_VALIDATION]
+    else:
+        train, validation = hold_out(train, rng)
+    if recipe.dedupe_train:
+        seen, kept = set(), []
+        for r in train:
+            if normalise(r["text"]) not in seen:
+                seen.add(normalise(r["text"]))
+                kept.append(r)
+        counts["train_duplicates_dropped"], train = len(train) - len(kept), kept
     rng.shuffle(train)
     rng.shuffle(validation)
-    validation = validation[:MAX_VALIDATION]
     out = {"train": recipe.finish(train, "train"), "validation": recipe.finish(validation, "validation")}
     counts.update({split: len(rows) for split, rows in out.items()})
     return out, counts
@@ -85,11 +118,12 @@ def build(source: str | os.PathLike, out: str | os.PathLike, tasks: list[str] | 
         raise DataBuildError(f"--source {root}: no such folder; expected the sources as memmcl data fetch writes them")
     recipes = [RECIPES[t] for t in (tasks or sorted(RECIPES))]
     for recipe in recipes:  # every file verified before any work
-        verify(root, sources[recipe.repo], sorted(set(recipe.files.values())))
+        for repo in recipe.repos:
+            verify(root, sources[repo], sorted({p for files in recipe.files.values() for r, p in files if r == repo}))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    report = {"seed": seed, "sources": {r.repo: sources[r.repo].commit for r in recipes}, "tasks": {}}
+    report = {"seed": seed, "sources": {repo: sources[repo].commit for r in recipes for repo in r.repos}, "tasks": {}}
     try:
         for recipe in recipes:
             splits, counts = build_task(recipe, root, seed, sources)

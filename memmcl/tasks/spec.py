@@ -121,8 +121,10 @@ class TaskSpec:
         if raw.startswith(DATA_PREFIX):
             raise TaskError(
                 f"{self.source}: split '{split}' of task '{self.name}' is in the data folder ('{raw}'), but no data folder "
-                f"is set and none of {[str(d) for d in default_data_dirs()]} exists; set data_dir (pipeline `data_dir`, "
-                f"`--data.init_args.data_dir`) or ${DATA_DIR_ENV}")
+                f"is set and none of {[str(d) for d in default_data_dirs()]} exists; build one from the public corpora "
+                f"(memmcl data fetch --dest sources && memmcl data build --source sources --out realdata) and set "
+                f"data_dir (pipeline `data_dir`, `--data.init_args.data_dir`, make demo-real DATA_DIR=realdata) or "
+                f"${DATA_DIR_ENV}")
         if raw.startswith(EMBEDDED_PREFIX):
             return Path(str(resources.files("memmcl.tasks") / "embedded" / raw[len(EMBEDDED_PREFIX) :]))
         return Path(raw)  # resolved (relative to the spec file, `~` expanded) when the spec was read
