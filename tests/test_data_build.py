@@ -203,3 +203,18 @@ def test_every_task_has_pinned_files_and_a_real_spec():
             assert {p for f in recipe.files.values() for r, p in f if r == repo} <= set(pinned[repo].files), task
             assert len(pinned[repo].commit) == 40
         assert data_build.real_spec(task).exists(), task
+
+
+def test_the_data_verb_prints_one_line_errors(tmp_path, capsys):
+    from memmcl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "build", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--source" in err and "no such folder" in err
+    (tmp_path / "src").mkdir()
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tasks", "[sst2]"])
+    assert "prrao87/fine-grained-sentiment@a4401669eecb:data/sst/sst_" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
