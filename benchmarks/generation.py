@@ -3,7 +3,7 @@
 
 The prompts are the validation prompts of an extraction task as the pipeline builds them (chat template,
 instruction, sentence): `uabsa_rest14` from the data folder when there is one, else the embedded `uabsa_synthetic`.
-Every method decodes greedily to the end token or the task's token budget. Rows:
+Every method decodes greedily to an end token (end of sequence or a line break, `stop_ids`) or the task's budget. Rows:
 - `loop`: `model.generate(do_sample=False)` on each prompt alone (batch 1, its own key/value cache);
 - `batched`: `generate_greedy`, batch `--batch`, left-padded whole prompts (prefix sharing off);
 - `batched_prefix`: the same with the shared prompt prefix encoded once per batch;
@@ -25,6 +25,7 @@ import torch
 
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.backbone import load_backbone
+from memmcl.experts.expert import stop_ids
 from memmcl.experts.generation import generate_greedy
 from memmcl.rundir import quiet_libraries
 from memmcl.tasks.spec import resolve_data_dir
@@ -50,20 +51,20 @@ def main(n: int = 48, rounds: int = 2, batch: int = 16) -> dict:
     for dtype in ("float32", "bfloat16"):
         model, tokenizer = load_backbone(BACKBONE, dtype)
         model.eval()
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id
 
         def loop():
             res = []
             for p in ps:
-                o = model.generate(torch.tensor([p]), max_new_tokens=budget, do_sample=False, eos_token_id=eos,
+                o = model.generate(torch.tensor([p]), max_new_tokens=budget, do_sample=False, eos_token_id=sorted(stops),
                                    pad_token_id=pad)[0, len(p):].tolist()
-                res.append(o[: o.index(eos)] if eos in o else o)
+                res.append(next((o[:i] for i, t in enumerate(o) if t in stops), o))
             return res
 
         methods = {
             "loop": loop,
-            "batched": lambda: generate_greedy(model, ps, pad, {eos}, budget, chunk_size=batch, share_prefix=False),
-            "batched_prefix": lambda: generate_greedy(model, ps, pad, {eos}, budget, chunk_size=batch),
+            "batched": lambda: generate_greedy(model, ps, pad, stops, budget, chunk_size=batch, share_prefix=False),
+            "batched_prefix": lambda: generate_greedy(model, ps, pad, stops, budget, chunk_size=batch),
         }
         times: dict[str, list[float]] = {m: [] for m in methods}
         outputs = {}

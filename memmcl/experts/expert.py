@@ -86,7 +86,7 @@ class LabelScoringModule(L.LightningModule):
     def generate_tuples(self, batch: dict) -> list[tuple | None]:
         """Returns each row's generated answer parsed to tuples (None: malformed), rows of extraction tasks only."""
         tokenizer = self.trainer.datamodule.tokenizer
-        tokens = generate_greedy(self.model, batch["prompt"], self.pad_id, {tokenizer.eos_token_id}, batch["max_new"])
+        tokens = generate_greedy(self.model, batch["prompt"], self.pad_id, stop_ids(tokenizer), batch["max_new"])
         return [parse_answer(self.specs[int(t)], tokenizer.decode(ids, skip_special_tokens=True))
                 for t, ids in zip(batch["task"].tolist(), tokens, strict=True)]
 
@@ -337,6 +337,17 @@ def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[L
     expert = LoRAExpert(backbone=backbone or meta["backbone"], adapter=str(path))
     expert.eval()
     return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
+
+
+def stop_ids(tokenizer) -> frozenset[int]:
+    """Returns the tokens that end an extraction answer: the end-of-sequence token, and every token whose text holds a
+    line break (the answer format is one line, so a model that goes on to a second line has answered); kept on the
+    tokenizer."""
+    if "_memmcl_stop_ids" not in vars(tokenizer):
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        lines = {i for i, t in enumerate(vocab) if t is not None and "\n" in tokenizer.convert_tokens_to_string([t])}
+        vars(tokenizer)["_memmcl_stop_ids"] = frozenset({tokenizer.eos_token_id, *lines})
+    return vars(tokenizer)["_memmcl_stop_ids"]
 
 
 def select_rows(batch: dict, rows: list[int]) -> dict:
