@@ -28,6 +28,20 @@ FIXTURES = {
     (TWEETEVAL, "datasets/hate/val_labels.txt"): ["0", "0"],
     (TWEETEVAL, "datasets/hate/test_text.txt"): ["a test tweet"],
     (TWEETEVAL, "datasets/hate/test_labels.txt"): ["1"],
+    (S17, "dataset/Subtask_A/gold/SemEval2017-task4-test.subtask-A.english.txt"): ["9\tneutral\tA test tweet"],
+    **{(S17, f"dataset/Subtask_A/downloaded/twitter-{f}-A.tsv"): [] for f in (
+        "2015train", "2016train", "2013dev", "2016dev", "2016devtest", "2013test", "2014test", "2015test", "2016test",
+        "2014sarcasm")},
+    (S17, "dataset/Subtask_A/downloaded/twitter-2013train-A.tsv"): [
+        "1\tpositive\tGreat game @bob http://t.co/x", "1\tpositive\tGreat game again", "2\tnegative\tso sad \\u2019",
+        "3\tnegative\tGreat game @ann", "4\tneutral\tNice day"],
+    (TWEETEVAL, "datasets/sentiment/mapping.txt"): ["0\tnegative", "1\tneutral", "2\tpositive"],
+    (TWEETEVAL, "datasets/sentiment/val_text.txt"): ["nice day https://x.y/z ", "@carl meh"],
+    (TWEETEVAL, "datasets/sentiment/val_labels.txt"): ["2", "1"],
+    (TWEETEVAL, "datasets/stance/mapping.txt"): ["0\tnone", "1\tagainst", "2\tfavor"],
+    **{(TWEETEVAL, f"datasets/stance/{d}/{s}_{k}.txt"): ([f"{d} {s} tweet"] if k == "text" else ["2"])
+       for d in ("abortion", "atheism", "climate", "feminist", "hillary") for s in ("train", "val", "test")
+       for k in ("text", "labels")},
     (ASC, "V1去除conflict/Restaurants_Train.xml.seg"): ["The $T$ was good but the service slow .", "food", "1",
                                                        "The food was good but the $T$ slow .", "service", "-1",
                                                        "Nice $T$ .", "view", "1"],
@@ -112,6 +126,21 @@ def test_classification_sources_build_with_their_labels_and_ids(sources, tmp_pat
         ("rest14-train-1", "food", "positive"), ("rest14-train-2", "service", "negative"),
         ("rest14-train-3", "view", "positive")}
     assert data_build.check(tmp_path / "out", ["sst5", "hate", "asc_rest14"])["hate"] == {"train": 2, "validation": 2}
+
+
+def test_twitter_and_stance_sources(sources, tmp_path):
+    root, pinned = sources
+    report = data_build.build(root, tmp_path / "out", ["twitter", "stance"], sources=pinned)
+    twitter = sorted((r["id"], r["text"], r["label_text"]) for r in rows(tmp_path / "out" / "twitter" / "train.csv"))
+    # mentions -> @user, URLs dropped, \u escapes decoded; one row per tweet id and per text; 'Nice day' is in dev
+    assert twitter == [("semeval17-1", "Great game @user", "positive"), ("semeval17-2", "so sad \u2019", "negative")]
+    assert report["tasks"]["twitter"]["train_duplicates_dropped"] == 1 and report["tasks"]["twitter"]["source"]["train"] == 4
+    assert report["tasks"]["twitter"]["train_dev_overlap_dropped"] == 1
+    validation = sorted((r["id"], r["text"]) for r in rows(tmp_path / "out" / "twitter" / "validation.csv"))
+    assert validation == [("tweeteval-sentiment-val-1", "nice day"), ("tweeteval-sentiment-val-2", "@user meh")]
+    stance = {r["domain"]: (r["id"], r["label_text"]) for r in rows(tmp_path / "out" / "stance" / "train.csv")}
+    assert stance["climate"] == ("tweeteval-stance-climate-train-1", "favor") and len(stance) == 5
+    assert data_build.check(tmp_path / "out", ["stance"]) == {"stance": {"train": 5, "validation": 5}}
 
 
 def test_build_is_seeded(sources, tmp_path):

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -33,7 +34,7 @@ class Source:
         return self.repo.replace("/", "+")
 
     def url(self, path: str) -> str:
-        return RAW_URL.format(repo=self.repo, commit=self.commit, path=path)
+        return RAW_URL.format(repo=self.repo, commit=self.commit, path=quote(path))  # 'V1去除conflict/...' too
 
     def local(self, root: Path, path: str) -> Path:
         return Path(root) / self.folder / path
