@@ -127,7 +127,8 @@ def test_search_is_deterministic_and_resumes_to_the_same_result(experts, tmp_pat
     assert set(whole["stages"]) == {"SC", "MAST", "global"}
     sc = whole["stages"]["SC"]
     assert sc["fitness"] >= sc["uniform_fitness"]  # the uniform merge is evaluated, so the best never falls below it
-    assert whole["coefficients"]["irony"] != [0.0]
+    # a stage kept a non-zero genome (random experts may leave the final merge at the base model): resuming must match it
+    assert any(w != 0 for stage in whole["stages"].values() for w in stage["genome"])
 
     monkeypatch.setattr(MergeSearch, "_after_generation", kill_at("MAST", 2))
     with pytest.raises(Killed):

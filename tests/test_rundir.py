@@ -113,10 +113,10 @@ def test_help_lists_every_verb_and_an_unknown_verb_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "memmcl", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["pipeline", "report", "fit", "validate", "test", "predict", "merge"]
+    assert listed == ["pipeline", "report", "data", "fit", "validate", "test", "predict", "merge"]
     proc = subprocess.run([sys.executable, "-m", "memmcl", "fti"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "memmcl: error: unknown verb 'fti'; expected one of pipeline, report, fit, validate, test, predict, merge")
+        "memmcl: error: unknown verb 'fti'; expected one of pipeline, report, data, fit, validate, test, predict, merge")
 
 
 def test_search_state_is_json_and_a_crafted_file_runs_nothing(tmp_path):
