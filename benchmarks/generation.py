@@ -25,8 +25,7 @@ import torch
 
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.backbone import load_backbone
-from memmcl.experts.expert import stop_ids
-from memmcl.experts.generation import generate_greedy
+from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.rundir import quiet_libraries
 from memmcl.tasks.spec import resolve_data_dir
 

@@ -186,3 +186,18 @@ def test_tangent_experts_refuse_extraction_tasks(tmp_path, tiny_dir):
     with pytest.raises(ValueError, match="tangent experts score labels; extraction task"):
         Pipeline(name="t", root=str(tmp_path), backbone=str(tiny_dir), tasks=["sc_binary", "uabsa_synthetic"],
                  expert=ExpertConfig(tangent=True))
+
+
+def test_a_tangent_model_refuses_extraction_tasks_when_it_meets_them(tiny_dir):
+    import lightning as L
+
+    from memmcl.datamodule import MultiTaskDataModule
+    from memmcl.experts.expert import ExpertError
+    from memmcl.experts.tangent import TangentExpert
+
+    model = TangentExpert(backbone=str(tiny_dir), lora_r=2, lora_alpha=4, target_modules=["q_proj"])
+    dm = MultiTaskDataModule(["sc_binary", "uabsa_synthetic"], backbone=str(tiny_dir), max_length=96, max_eval_examples=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ExpertError, match=r"tangent experts score labels; extraction task\(s\) \['uabsa_synthetic'\]"):
+        trainer.validate(model, datamodule=dm, verbose=False)

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.generation import generate_greedy
+from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.experts.scoring import answer_loss, score_labels
 from memmcl.tasks.extraction import TupleCounts, parse_answer, render
 from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
@@ -47,7 +47,7 @@ class LabelScoringModule(L.LightningModule):
     """
 
     log_eval_to_logger = True
-    generates = True  # can evaluate extraction tasks (greedy generation in `self.model`)
+    generates = True  # can evaluate extraction tasks (greedy generation in `self.model`); tangent models cannot
     results: dict[str, dict[str, dict[str, float]]]
     correct: dict[str, dict[str, dict[str, bool]]]
 
@@ -59,8 +59,8 @@ class LabelScoringModule(L.LightningModule):
         if getattr(self, "specs", None) == specs:
             return
         if not self.generates and (extraction := [s.name for s in specs if s.extraction]):
-            raise ExpertError(f"{type(self).__name__} scores labels; extraction task(s) {extraction} are generated; "
-                              "expected classification tasks (or an ordinary LoRA expert)")
+            raise ExpertError(f"{type(self).__name__}: tangent experts score labels; extraction task(s) {extraction} are "
+                              "generated; expected classification tasks (or ordinary LoRA experts)")
         self.specs = specs
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleList([
@@ -97,8 +97,7 @@ class LabelScoringModule(L.LightningModule):
             rows = [i for i, k in enumerate(kinds) if k]
             sub = select_rows(batch, rows)
             for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_tuples(sub), sub["tuples"], strict=True):
-                self.tuple_counts[split][t].add(predicted, gold)
-                hits[i] = predicted is not None and set(predicted) == set(gold)
+                hits[i] = self.tuple_counts[split][t].add(predicted, gold)
         if not all(kinds):
             rows = [i for i, k in enumerate(kinds) if not k]
             sub = select_rows(batch, rows) if len(rows) < len(kinds) else batch
@@ -116,7 +115,7 @@ class LabelScoringModule(L.LightningModule):
         after a test epoch keeps every rank's per-example correctness in `self.correct["test"]`."""
         counts = self.tuple_counts[split]
         if any(s.extraction for s in self.specs):  # every rank's counts, summed (one collective; none without any)
-            counts = [dataclass_sum(c) for c in zip(*gather_records([counts]), strict=True)]
+            counts = [sum(c, TupleCounts()) for c in zip(*gather_records([counts]), strict=True)]
         self.tuple_counts[split] = [TupleCounts() for _ in self.specs]
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in self.metrics[split]:
@@ -339,30 +338,10 @@ def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[L
     return expert, [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
 
 
-def stop_ids(tokenizer) -> frozenset[int]:
-    """Returns the tokens that end an extraction answer: the end-of-sequence token, and every token whose text holds a
-    line break (the answer format is one line, so a model that goes on to a second line has answered); kept on the
-    tokenizer."""
-    if "_memmcl_stop_ids" not in vars(tokenizer):
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        lines = {i for i, t in enumerate(vocab) if t is not None and "\n" in tokenizer.convert_tokens_to_string([t])}
-        vars(tokenizer)["_memmcl_stop_ids"] = frozenset({tokenizer.eos_token_id, *lines})
-    return vars(tokenizer)["_memmcl_stop_ids"]
-
-
 def select_rows(batch: dict, rows: list[int]) -> dict:
     """Returns the batch's rows `rows` (tensors indexed, lists picked)."""
     index = torch.tensor(rows)
     return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
-
-
-def dataclass_sum(parts) -> TupleCounts:
-    """Returns the field-wise sum of several ranks' `TupleCounts`."""
-    total = TupleCounts()
-    for part in parts:
-        for name in vars(total):
-            setattr(total, name, getattr(total, name) + getattr(part, name))
-    return total
 
 
 def gather_records(records: list) -> list:

@@ -13,23 +13,41 @@ from __future__ import annotations
 
 import torch
 
-from memmcl.experts.scoring import MIN_SHARED_PREFIX, output_cache, shared_prefix_length, with_cache
+from memmcl.experts.scoring import (
+    MIN_SHARED_PREFIX,
+    left_pad,
+    output_cache,
+    position_ids,
+    shared_prefix_length,
+    with_cache,
+)
+
+
+def stop_ids(tokenizer) -> frozenset[int]:
+    """Returns the tokens that end an extraction answer: the end-of-sequence token, and every token whose text holds a
+    line break (the answer format is one line, so a model that goes on to a second line has answered); kept on the
+    tokenizer."""
+    if "_memmcl_stop_ids" not in vars(tokenizer):
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        lines = {i for i, t in enumerate(vocab) if t is not None and "\n" in tokenizer.convert_tokens_to_string([t])}
+        vars(tokenizer)["_memmcl_stop_ids"] = frozenset({tokenizer.eos_token_id, *lines})
+    return vars(tokenizer)["_memmcl_stop_ids"]
 
 
 @torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], pad_id: int, stop_ids: set[int] | list[int],
+def generate_greedy(model, prompts: list[list[int]], pad_id: int, stops: set[int] | frozenset[int] | list[int],
                     max_new_tokens: int | list[int], chunk_size: int = 64, share_prefix: bool = True) -> list[list[int]]:
-    """Returns each prompt's greedy continuation: its tokens up to (not including) the first of `stop_ids`, at most
+    """Returns each prompt's greedy continuation: its tokens up to (not including) the first of `stops`, at most
     `max_new_tokens` (one budget, or one per prompt)."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     out: list[list[int]] = []
     for start in range(0, len(prompts), chunk_size):
         stop = min(start + chunk_size, len(prompts))
-        out.extend(_generate_chunk(model, prompts[start:stop], pad_id, set(stop_ids), budgets[start:stop], share_prefix))
+        out.extend(_generate_chunk(model, prompts[start:stop], pad_id, set(stops), budgets[start:stop], share_prefix))
     return out
 
 
-def _generate_chunk(model, prompts, pad_id: int, stop_ids: set[int], budgets: list[int], share_prefix: bool):
+def _generate_chunk(model, prompts, pad_id: int, stops: set[int], budgets: list[int], share_prefix: bool):
     device = next(model.parameters()).device
     B = len(prompts)
     length = shared_prefix_length(prompts, keep=1) if share_prefix else 0
@@ -39,16 +57,9 @@ def _generate_chunk(model, prompts, pad_id: int, stop_ids: set[int], budgets: li
         cache.batch_repeat_interleave(B)
     else:
         length = 0
-    suffixes = [p[length:] for p in prompts]
-    width = max(map(len, suffixes))
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, length + width), dtype=torch.long)
-    mask[:, :length] = 1
-    for i, s in enumerate(suffixes):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, length + width - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
+    ids, suffix_mask = left_pad([p[length:] for p in prompts], pad_id, device)
+    mask = torch.cat([torch.ones((B, length), dtype=torch.long, device=device), suffix_mask], dim=1)
+    positions = position_ids(mask)[:, length:]
     kwargs = with_cache(model, cache) if cache is not None else {}
     result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
     cache = output_cache(result)
@@ -56,15 +67,14 @@ def _generate_chunk(model, prompts, pad_id: int, stop_ids: set[int], budgets: li
     last = positions[:, -1]
     tokens: list[list[int]] = [[] for _ in range(B)]
     active = torch.arange(B)
-    budget = torch.tensor(budgets)
     while True:
         nxt = logits.argmax(-1).cpu()
         keep = []
         for row, (i, token) in enumerate(zip(active.tolist(), nxt.tolist(), strict=True)):
-            if token in stop_ids or budget[i] <= 0:
+            if token in stops or budgets[i] <= 0:
                 continue
             tokens[i].append(token)
-            if len(tokens[i]) < budget[i]:
+            if len(tokens[i]) < budgets[i]:
                 keep.append(row)
         if not keep:
             return tokens

@@ -149,9 +149,6 @@ class MergeSearch(LabelScoringModule):
             raise MergeError(f"experts {[str(p) for p in self.expert_dirs]}: tangent and ordinary LoRA experts mixed "
                              "(expert.yaml: tangent); expected one kind")
         self.tangent = tangent.pop()
-        if self.tangent and any(s.extraction for s in self.expert_specs):
-            raise MergeError(f"experts {[s.name for s in self.expert_specs if s.extraction]}: extraction tasks are "
-                             "generated, and tangent experts score labels only; expected ordinary LoRA experts")
         if self.tangent and method != "linear":
             raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
@@ -175,6 +172,11 @@ class MergeSearch(LabelScoringModule):
                 raise MergeError(f"model.init_args.groups.{g} names unknown expert(s) {sorted(unknown)}; experts: {self.names}")
             out[g] = [self.names.index(n) for n in names]
         return out
+
+    @property
+    def generates(self) -> bool:
+        """Tangent experts are scored in the tangent model, per label: no extraction task (`LabelScoringModule.setup`)."""
+        return self.tangent_scorer is None
 
     def state_dict(self, *args, **kwargs):  # nothing to checkpoint: experts are files, the search state is its own
         return {}

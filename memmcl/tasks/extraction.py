@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from memmcl.tasks.spec import TaskError, TaskSpec
 
@@ -116,15 +116,21 @@ class TupleCounts:
     malformed: int = 0
     n: int = 0
 
-    def add(self, predicted: tuple[Tuple, ...] | None, gold: tuple[Tuple, ...]) -> None:
+    def add(self, predicted: tuple[Tuple, ...] | None, gold: tuple[Tuple, ...]) -> bool:
+        """Counts one answer (None: malformed); returns whether its tuple set is exactly the gold set."""
+        exact = predicted is not None and set(predicted) == set(gold)
         self.malformed += predicted is None
-        self.exact += predicted is not None and set(predicted) == set(gold)
-        predicted = predicted or ()
-        p, g = Counter(predicted), Counter(gold)
+        self.exact += exact
+        p, g = Counter(predicted or ()), Counter(gold)
         self.tp += sum((p & g).values())
         self.predicted += sum(p.values())
         self.gold += sum(g.values())
         self.n += 1
+        return exact
+
+    def __add__(self, other: TupleCounts) -> TupleCounts:
+        """Returns the field-wise sum (several ranks' counts of one task)."""
+        return TupleCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def scores(self) -> dict[str, float]:
         """Returns micro precision / recall / F1 over tuples, the share of exact sets (`acc`) and malformed answers."""

@@ -37,13 +37,13 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
     text = row.get(spec.text_field)
     if not isinstance(text, str) or not text.strip():
         raise TaskError(f"{where}: field '{spec.text_field}' is missing or empty; expected non-empty text")
+    ident = row.get(spec.id_field) if spec.id_field else None
+    ident = str(ident) if ident is not None else default_id
     if spec.extraction:
         if spec.label_field not in row or row[spec.label_field] is None:
             raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected a list of tuples ({', '.join(spec.file_slots)})")
         tuples = check_tuples(spec, row[spec.label_field], text, where, spec.file_slots)
-        ident = row.get(spec.id_field) if spec.id_field else None
-        return Example(id=str(ident) if ident is not None else default_id, text=" ".join(text.split()), label=0,
-                       tuples=tuples)
+        return Example(id=ident, text=" ".join(text.split()), label=0, tuples=tuples)
     if spec.label_field not in row or row[spec.label_field] is None:
         raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected one of {list(spec.labels)}")
     label = str(row[spec.label_field]).strip()
@@ -57,8 +57,7 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
         if not isinstance(aspect, str) or not aspect.strip():
             raise TaskError(f"{where}: field '{spec.aspect_field}' is missing or empty; task '{spec.name}' needs an aspect")
         aspect = aspect.strip()
-    ident = row.get(spec.id_field) if spec.id_field else None
-    return Example(id=str(ident) if ident is not None else default_id, text=text.strip(), label=spec.labels.index(label), aspect=aspect)
+    return Example(id=ident, text=text.strip(), label=spec.labels.index(label), aspect=aspect)
 
 
 def read_jsonl(spec: TaskSpec, path: Path) -> Iterator[Example]:

@@ -105,12 +105,11 @@ class TaskSpec:
 
     def metric_value(self, acc: float, macro_f1: float, class_f1: list[float]) -> float:
         """Returns the task's standard metric of a classification result (see `METRIC`)."""
-        m = METRIC.fullmatch(self.metric)
         if self.metric == "accuracy":
             return acc
         if self.metric == "macro_f1":
             return macro_f1
-        names = [n.strip() for n in m.group(2).split(",")]
+        names = [n.strip() for n in METRIC.fullmatch(self.metric).group(2).split(",")]
         return sum(class_f1[self.labels.index(n)] for n in names) / len(names)
 
     def split_path(self, split: str) -> Path:
@@ -235,7 +234,7 @@ def _extraction_fields(data: dict, source: str, labels: list[str]) -> dict:
     if not isinstance(values, dict) or any(k not in slots or k in spans or k == "sentiment" or not isinstance(v, list)
                                            or not v for k, v in values.items()):
         raise TaskError(f"{source}: field 'slot_values' must map non-span slots other than sentiment to lists of values")
-    if data.get("fields", {}) and "aspect" in (data.get("fields") or {}):
+    if "aspect" in (data.get("fields") or {}):
         raise TaskError(f"{source}: field 'fields.aspect': an extraction task finds its aspects; expected no aspect field")
     unmatched = data.get("unmatched_spans", "error")
     if unmatched not in ("error", "keep"):
