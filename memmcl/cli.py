@@ -101,11 +101,11 @@ def pipeline_main(args: list[str]) -> None:
 
     from memmcl.rundir import inside
 
-    def write_config() -> None:  # only once the settings passed and the run directory is ours
+    def write_config() -> None:  # only once the settings and the data passed and the run directory is ours
         if rank_zero_only.rank == 0:
             save_config(parser, cfg, inside(pipeline.run_dir, "config.yaml"))
 
-    results = pipeline.run(on_locked=write_config)
+    results = pipeline.run(on_data_checked=write_config)
     if rank_zero_only.rank == 0:
         means = results["means"]
         width = max(len(m) for m in means)
@@ -214,12 +214,34 @@ def main(args: list[str] | None = None) -> None:
         if handler is not None:  # the whole-run verbs have their own parsers (no single model or datamodule)
             return handler(argv[1:])
         MemmclCLI(args=argv)
-    except ValueError as err:
-        # Our own errors (bad settings, files, experts) name the field or file: one line, no traceback, unless asked.
-        if verbose or not type(err).__module__.startswith("memmcl"):
+    except Exception as err:
+        # Our own errors (bad settings, files, experts: found through the wrappers of jsonargparse and Lightning) name
+        # the field or file, and the environment's (a read-only folder, a missing device) name the path or device:
+        # one line, no traceback, unless asked.
+        line = None if verbose else one_line_error(err)
+        if line is None:
             raise
-        print(f"memmcl: error: {err}", file=sys.stderr)
+        print(f"memmcl: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line_error(err: BaseException) -> str | None:
+    """Returns the one line to print for memmcl's own error anywhere in `err`'s chain (causes and contexts), for an
+    OS error (a path that cannot be read or written) or a Lightning misconfiguration; None for anything else (a bug:
+    its traceback is shown)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen, cause = set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ValueError) and type(cause).__module__.startswith("memmcl"):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, OSError):
+        return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    if isinstance(err, MisconfigurationException):
+        return f"trainer: {str(err).splitlines()[0]}"
+    return None
 
 
 __all__ = ["VERBS", "MemmclCLI", "MemmclTrainer", "TensorBoardLogger", "main"]

@@ -31,6 +31,7 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from memmcl.baselines import multitask_phases
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
@@ -40,8 +41,8 @@ from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import LoRAExpert, write_atomic
 from memmcl.experts.tangent import TangentExpert, clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
-from memmcl.merging.search import GENOME_FILE, MergeSearch
-from memmcl.merging.weak import mine_weak_data
+from memmcl.merging.search import GENOME_FILE, MergeSearch, genome_problem
+from memmcl.merging.weak import check_task_data, mine_weak_data, summary_problem
 from memmcl.precision import resolve_precision
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
@@ -137,6 +138,12 @@ class Pipeline:
         if self.expert.tangent and extraction:
             raise PipelineError(f"expert.tangent: tangent experts score labels; extraction task(s) {extraction} are "
                                 "generated; expected expert.tangent: false or classification tasks only")
+        try:  # the accelerator, devices and strategy are checked by building a Trainer (nothing is launched)
+            self._trainer(None, quiet=True)
+        except (MisconfigurationException, ValueError, RuntimeError) as err:
+            t = self.trainer_config
+            raise PipelineError(f"trainer: accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}: "
+                                f"{str(err).splitlines()[0]}") from None
         if self.backbone not in BACKBONES:  # a local directory must exist now (registered ones are built when used)
             try:
                 resolve_backbone(self.backbone)
@@ -212,6 +219,8 @@ class Pipeline:
         """Per-task metadata (class counts, label entropy, input length, lexical diversity) into data/metadata.json."""
         out = inside(self.run_dir, "data")
         capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
+        if self.merge.on_test_overlap != "error":  # the data check's setting (the default keeps earlier keys)
+            capped.append(self.merge.on_test_overlap)
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in self.specs]])
         if marker := self._done(out, key, ("metadata.json",)):
@@ -221,6 +230,8 @@ class Pipeline:
         dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
                                  max_train_examples=self.expert.max_train_examples, max_eval_examples=self.max_eval_examples)
         dm.setup()
+        for spec in self.specs:  # what later phases need from the data, before the first expert is trained
+            check_task_data(spec, dm.examples[spec.name], self.merge.on_test_overlap)
         metadata = {name: m.to_dict() for name, m in dm.metadata.items()}
         for spec in self.specs:  # extraction: answering `none` everywhere, exact sets
             labels = Counter(bool(e.tuples) if spec.extraction else e.label for e in dm.examples[spec.name]["test"])
@@ -263,12 +274,30 @@ class Pipeline:
         return config_hash([self.backbone, self.numerics, self.seed, self.max_length, *capped, settings, spec.to_dict(),
                             spec.data_hash(("train", "validation"))])
 
+    def expert_done(self, spec: TaskSpec) -> dict | None:
+        """Returns the expert phase's marker when the task's expert is trained with these settings and its expert.yaml
+        records the current spec (the weak phase, the merge and evaluation read that record); else None, and a
+        mismatched record is named in a warning (the expert is trained again)."""
+        out = self.run_dir / "experts" / spec.name
+        marker = self._done(out, self.expert_key(spec), EXPERT_OUTPUTS)
+        if marker is None:
+            return None
+        recorded = yaml.safe_load((out / "expert" / "expert.yaml").read_text())
+        if not isinstance(recorded, dict) or recorded.get("tasks") != [json.loads(json.dumps(spec.to_dict()))]:
+            log.warning("%s: does not record the current spec of task '%s' (%s); the expert is trained again",
+                        out / "expert" / "expert.yaml", spec.name, spec.source)
+            return None
+        return marker
+
     def expert_phase(self, spec: TaskSpec) -> dict:
         """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
         out = self.run_dir / "experts" / spec.name
         key = self.expert_key(spec)
-        if self._start_training(f"expert:{spec.name}", ("experts", spec.name), key, EXPERT_OUTPUTS):
+        if marker := self.expert_done(spec):
+            self._skip(f"expert:{spec.name}", marker)
             return json.loads((out / "metrics.json").read_text())
+        if rank_zero_only.rank == 0:
+            clear(self.run_dir, "experts", spec.name)
         started, e = time.time(), self.expert
         model = self.expert_model(out / "expert")
         if e.tangent and e.off_task_weight > 0:
@@ -324,7 +353,12 @@ class Pipeline:
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
                            self.merge.weak_anchor_ratio, self.expert.max_train_examples])
         outputs = ("summary.yaml", *(f"{s.name}{suffix}" for s in self.specs for suffix in (".jsonl", ".example_loss.json")))
-        if marker := self._done(out, key, outputs):
+        marker = self._done(out, key, outputs)
+        if marker and (problem := summary_problem(yaml.safe_load((out / "summary.yaml").read_text()),
+                                                  [s.name for s in self.specs])):
+            log.warning("%s: %s; the phase runs again", out / "summary.yaml", problem)
+            marker = None
+        if marker:
             self._skip("weak", marker)
         else:
             started = time.time()
@@ -361,8 +395,11 @@ class Pipeline:
         out = inside(self.run_dir, "merge")
         key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
         if marker := self._done(out, key, (GENOME_FILE,)):
-            self._skip("merge", marker)
-            return key, yaml.safe_load((out / GENOME_FILE).read_text())
+            if problem := genome_problem(yaml.safe_load((out / GENOME_FILE).read_text())):
+                log.warning("%s: %s; the phase runs again", out / GENOME_FILE, problem)
+            else:
+                self._skip("merge", marker)
+                return key, yaml.safe_load((out / GENOME_FILE).read_text())
         started = time.time()
         started_file = out / ".started.json"
         resume = started_file.exists() and json.loads(started_file.read_text()).get("key") == key
@@ -376,25 +413,26 @@ class Pipeline:
 
     # ---- the whole run -------------------------------------------------------------------------------------------
 
-    def run(self, on_locked=None) -> dict:
+    def run(self, on_data_checked=None) -> dict:
         """Runs every phase not already done, holding the run directory's lock (rank 0; one run per directory);
-        `on_locked()` runs first under the lock (the CLI writes config.yaml there). Writes eval/results.json and
-        report/; returns the results."""
+        `on_data_checked()` runs under the lock once the data phase has read and checked every task's data (the CLI
+        writes config.yaml there, so a run that fails on its data leaves the last good config). Writes
+        eval/results.json and report/; returns the results."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
         with lock:
             if rank_zero_only.rank == 0:
                 for path in sweep_temporaries(self.run_dir):
                     log.warning("%s: left by a killed run, removed", path)
-            if on_locked is not None:
-                on_locked()
-            return self._run_phases()
+            return self._run_phases(on_data_checked)
 
-    def _run_phases(self) -> dict:
+    def _run_phases(self, on_data_checked=None) -> dict:
         started = time.time()
         metadata = self.data_phase()
+        if on_data_checked is not None:
+            on_data_checked()
         run_in_workers(self, [(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
-                         if not self._done(self.run_dir / "experts" / s.name, self.expert_key(s), EXPERT_OUTPUTS)])
+                         if not self.expert_done(s)])
         expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
         clear_jacobians()  # tangent experts' training features: not needed past this point
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or

@@ -19,10 +19,23 @@ class ReportError(ValueError):
     """A run directory that lacks what a report needs; the message names the file."""
 
 
-def _load(path: Path, what: str):
-    if not path.exists():
+def _load(path: Path, what: str = "", shape: type = dict):
+    """Returns a run file's JSON / plain-YAML mapping; missing, unparsable (a `!!python` tag) or wrong-shaped is an
+    error naming the file."""
+    if not path.is_file():
         raise ReportError(f"{path}: missing; {what}")
-    return json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError) as err:
+        raise ReportError(f"{path}: not readable {path.suffix[1:].upper()} ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, shape):
+        raise ReportError(f"{path}: a {type(data).__name__}; expected a {shape.__name__} as memmcl pipeline writes it")
+    return data
+
+
+def cell(text) -> str:
+    """A Markdown table cell's text: `|` escaped and HTML's `<`, `>`, `&` as entities."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def accuracy_matrix(results: dict, metric: str = "acc") -> dict[str, dict[str, float]]:
@@ -51,7 +64,7 @@ def markdown_table(matrix: dict[str, dict[str, float]], groups: dict[str, str], 
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
 
     def row(label: str, group: str, tasks: list[str]) -> str:
-        cells = [label, group]
+        cells = [cell(label), cell(group)]
         if majority:
             cells.append(f"{sum(majority[t] for t in tasks) / len(tasks):.3f}")
         for c in columns:
@@ -170,15 +183,23 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Renders `<run_dir>/report/report.md` and its PNG plots from the run's files; returns the report's path."""
-    run_dir = Path(run_dir)
+    """Renders `<run_dir>/report/report.md` and its PNG plots from the run's files; returns the report's path. A run
+    file that parses but lacks what the report reads is an error naming the run directory."""
+    try:
+        return _write_report(Path(run_dir))
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ReportError(f"{run_dir}: a run file lacks what the report reads ({type(err).__name__}: {err}); re-run "
+                          f"memmcl pipeline on it") from err
+
+
+def _write_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory; expected one written by memmcl pipeline")
     results = _load(run_dir / "eval" / "results.json", "run the pipeline's evaluation first (memmcl pipeline)")
     genome = _load(run_dir / "merge" / "best_genome.yaml", "run the pipeline's merge first")
     difficulty = _load(run_dir / "difficulty" / "difficulty.json", "run the pipeline's difficulty phase first")
-    stages = {p.parent.name: yaml.safe_load(p.read_text()) for p in sorted((run_dir / "merge" / "stages").glob("*/result.yaml"))}
-    phases = json.loads((run_dir / "phases.json").read_text()) if (run_dir / "phases.json").exists() else {}
+    stages = {p.parent.name: _load(p) for p in sorted((run_dir / "merge" / "stages").glob("*/result.yaml"))}
+    phases = _load(run_dir / "phases.json") if (run_dir / "phases.json").exists() else {}
     out = inside(run_dir, "report")
     out.mkdir(parents=True, exist_ok=True)
     _plots(out, results, genome, stages, difficulty)
@@ -234,7 +255,7 @@ def write_report(run_dir: str | Path) -> Path:
                   differences_table(differences), ""]
     lines += ["## Merge", "", "| stage | members | uniform fitness | evolved fitness |", "|---|---|---:|---:|"]
     for stage, r in genome["stages"].items():
-        lines.append(f"| {stage} | {', '.join(r['members'])} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")
+        lines.append(f"| {cell(stage)} | {cell(', '.join(r['members']))} | {r['uniform_fitness']:.4f} | {r['fitness']:.4f} |")
     ta = genome.get("baselines", {}).get("task_arithmetic")
     if ta:
         grid = ", ".join(f"{k:g}: {v:.4f}" for k, v in ta["fitness_by_scale"].items())

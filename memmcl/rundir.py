@@ -22,12 +22,17 @@ LOCK_FILE = ".lock"
 
 
 def file_problem(path: Path) -> str | None:
-    """Returns what is wrong with an output file (missing, unparsable JSON / YAML, truncated safetensors), else None."""
+    """Returns what is wrong with an output file (missing, unparsable JSON / YAML, a JSONL line that is not a JSON
+    object, truncated safetensors), else None."""
     if not path.is_file():
         return "missing"
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not isinstance(json.loads(line), dict):
+                    return f"corrupt (line {n} is not a JSON object)"
         elif path.suffix == ".yaml":
             yaml.safe_load(path.read_text())
         elif path.suffix == ".safetensors":
@@ -76,10 +81,11 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and (holder.get("host") != socket.gethostname() or _alive(int(holder["pid"]))):
+                if holder is not None and (holder.get("host") != socket.gethostname() or _alive(holder["pid"])):
                     raise RunDirError(
                         f"{self.path.parent}: another memmcl pipeline (pid {holder['pid']} on {holder.get('host')}) is "
-                        f"using this run directory; wait for it, stop it, or choose another `name`") from None
+                        f"using this run directory; wait for it, stop it, or choose another `name` (if pid "
+                        f"{holder['pid']} is not a memmcl run, remove {self.path})") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
@@ -91,7 +97,9 @@ class RunLock:
     def _holder(self) -> dict | None:
         try:
             data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and "pid" in data else None
+            pid = data.get("pid") if isinstance(data, dict) else None
+            ok = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+            return {**data, "host": str(data.get("host"))} if ok else None
         except (OSError, ValueError):
             return None  # unreadable or half-written: treated as stale
 

@@ -193,3 +193,20 @@ def test_real_tasks_given_by_relative_spec_paths_run_from_another_directory(tmp_
     assert len(losses) == 24 and all(i.startswith("sst-train-") for i in losses)
     saved = yaml.safe_load((tmp_path / "runs" / "real" / "experts" / "sst2" / "expert" / "expert.yaml").read_text())
     assert Path(saved["tasks"][0]["splits"]["train"]) == (REAL_DATA / "sst2" / "train.csv").resolve()
+
+    # wrong-shaped files that parse (a weak summary, a weak JSONL line, the genome) and an expert.yaml that records a
+    # training file other than the spec's: each is named, its phase redone, and the results stay byte-identical
+    before = (run / "eval" / "results.json").read_bytes()
+    (run / "weak" / "summary.yaml").write_text("42\n")
+    with (run / "weak" / "irony.jsonl").open("a") as f:
+        f.write("[1, 2]\n")
+    (run / "merge" / "best_genome.yaml").write_text("coefficients: 3\n")
+    recorded = run / "experts" / "sc_3class" / "expert" / "expert.yaml"
+    meta = yaml.safe_load(recorded.read_text())
+    meta["tasks"][0]["splits"]["train"] = str(tmp_path / "elsewhere.jsonl")
+    recorded.write_text(yaml.safe_dump(meta))
+    sixth = pipeline(tmp_path, tiny_dir, generations=3)
+    sixth.run()
+    assert {p for p, r in sixth.phases.items() if not r["skipped"]} == {"expert:sc_3class", "weak", "merge", "eval"}
+    assert yaml.safe_load(recorded.read_text())["tasks"][0]["splits"]["train"].endswith("sc_3class/train.jsonl")
+    assert (run / "eval" / "results.json").read_bytes() == before

@@ -49,6 +49,40 @@ log = logging.getLogger(__name__)
 GENOME_FILE = "best_genome.yaml"
 
 
+def genome_problem(record) -> str | None:
+    """Returns what is wrong with the shape of a best_genome.yaml record (None when it is whole): `coefficients` and
+    each stage's and baseline's map expert names to a weight or a list of per-block weights."""
+
+    def weights(value) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(w, int | float) and not isinstance(w, bool)
+            or isinstance(w, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in w)
+            for w in value.values())
+
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, expected a mapping"
+    if not weights(record.get("coefficients")):
+        return "field 'coefficients' is not a mapping of expert name -> weight(s)"
+    for section in ("stages", "baselines"):
+        entries = record.get(section, {})
+        if not isinstance(entries, dict) or not all(isinstance(r, dict) and weights(r.get("coefficients"))
+                                                    for r in entries.values()):
+            return f"field '{section}' is not a mapping of name -> {{coefficients: expert name -> weight(s), ...}}"
+    return None
+
+
+def read_genome(path: Path) -> dict:
+    """Returns a best_genome.yaml record; a file that is not plain YAML (a `!!python` tag) or not a genome's shape is
+    an error naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise MergeError(f"{path}: not a plain YAML genome file ({str(err).splitlines()[0]})") from None
+    if problem := genome_problem(data):
+        raise MergeError(f"{path}: {problem}; expected a best_genome.yaml written by memmcl merge")
+    return data
+
+
 class MergeSearch(LabelScoringModule):
     """Evolutionary merge of saved LoRA experts. Run it with `memmcl merge --config configs/demo/merge.yaml`.
 
@@ -301,9 +335,9 @@ class MergeSearch(LabelScoringModule):
     def load_genome(self, path: str | Path) -> tuple[torch.Tensor, dict]:
         """Returns the [blocks, T] coefficients of a `best_genome.yaml`, checked against these experts, and the file's record."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise MergeError(f"{path}: no such genome file; expected a best_genome.yaml written by memmcl merge")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_genome(path)
         return self._coef_matrix(data.get("coefficients"), source=str(path)), data
 
     def export(self, out_dir: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from memmcl.experts.expert import gather_records, write_atomic, write_jsonl_atomic
-from memmcl.rundir import file_sha, inside
+from memmcl.rundir import file_problem, file_sha, inside
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
 
@@ -43,6 +43,29 @@ def test_hashes(spec: TaskSpec) -> set[str]:
     if "test" not in spec.splits:
         return set()
     return {content_hash(e.text, e.aspect) for e in read_split(spec, "test")}
+
+
+def check_task_data(spec: TaskSpec, splits: dict[str, list[Example]], on_test_overlap: str = "error") -> None:
+    """What later phases need from a task's data, checked once before the first expert is trained: unique ids in
+    every split (weak data and the paired bootstrap key examples by id), and, with `on_test_overlap="error"`, no
+    training example (after any `max_train_examples` cap) whose content is a test example's (test data never enters
+    weak data; with "drop" such examples are kept out of weak data only)."""
+    for split, examples in splits.items():
+        seen: set[str] = set()
+        for e in examples:
+            if e.id in seen:
+                raise WeakDataError(f"{spec.source}: split '{split}' of task '{spec.name}' holds id '{e.id}' more than "
+                                    f"once; expected one id per example (set fields.id to a unique column, or leave "
+                                    f"it out for row numbers)")
+            seen.add(e.id)
+    if on_test_overlap == "drop" or "train" not in splits:
+        return
+    test = test_hashes(spec)
+    leaked = [e for e in splits["train"] if content_hash(e.text, e.aspect) in test]
+    if leaked:
+        raise WeakDataError(f"{spec.source}: {len(leaked)} training example(s) of task '{spec.name}' have the content of "
+                            f"a test example (e.g. id '{leaked[0].id}'); deduplicate train against test, or set "
+                            f"merge.on_test_overlap: drop to keep them out of weak data only")
 
 
 def margin(record: dict) -> float:
@@ -142,6 +165,31 @@ def check_no_test_content(spec: TaskSpec, path: Path) -> None:
             raise WeakDataError(f"{path}:{n}: weak example '{row['id']}' has the content of a test example of '{spec.name}'")
 
 
+SUMMARY_FIELDS = ("train", "wrong", "low_margin", "weak")
+
+
+def summary_problem(summary, tasks: list[str]) -> str | None:
+    """Returns what is wrong with the shape of weak/summary.yaml for these tasks (None when whole)."""
+    if not isinstance(summary, dict):
+        return f"a {type(summary).__name__}, expected a mapping of task -> counts"
+    for task in tasks:
+        entry = summary.get(task)
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), int) for k in SUMMARY_FIELDS):
+            return f"task '{task}' has no counts {list(SUMMARY_FIELDS)}"
+    return None
+
+
+def read_summary(path: Path) -> dict:
+    """Returns weak/summary.yaml's per-task entries that are whole mappings; a missing, unparsable or wrong-shaped
+    file counts as empty (its tasks' weak data is mined again)."""
+    if file_problem(path) is not None:
+        return {}
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        return {}
+    return {t: e for t, e in data.items() if summary_problem({t: e}, [t]) is None}
+
+
 def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = False) -> list[TaskSpec]:
     """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
     (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
@@ -154,7 +202,7 @@ def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = Fal
         bar = tqdm(total=len(search.expert_specs), desc="weak data", unit="expert")
     weak_dir = search.weak_dir
     summary_path = inside(weak_dir, "summary.yaml")
-    summary = yaml.safe_load(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_summary(summary_path)
     specs = []
     for t, (spec, path) in enumerate(zip(search.expert_specs, search.expert_dirs, strict=True)):
         out = inside(weak_dir, f"{spec.name}.jsonl")
@@ -163,7 +211,8 @@ def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = Fal
                "min_weak_examples": search.hparams.min_weak_examples, "anchor_ratio": search.hparams.weak_anchor_ratio,
                "max_train_examples": search.hparams.max_train_examples}
         loss_path = inside(weak_dir, f"{spec.name}.example_loss.json")
-        if not (out.exists() and loss_path.exists() and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
+        whole = file_problem(out) is None and file_problem(loss_path) is None
+        if not (whole and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
             onehot = torch.zeros(search.model.n_experts)
             onehot[t] = 1.0
             search.set_coefficients(onehot)

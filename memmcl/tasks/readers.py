@@ -88,7 +88,14 @@ def _read_delimited(spec: TaskSpec, path: Path, delimiter: str) -> Iterator[Exam
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
         raise TaskError(f"{path}:1: header {reader.fieldnames} has no column(s) {missing}; set the task's 'fields'")
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as err:  # e.g. a field over csv.field_size_limit(), a NUL byte
+            raise TaskError(f"{path}:{reader.line_num + 1}: not a readable {spec.format.upper()} row ({err})") from None
         yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
 
 
@@ -204,6 +211,9 @@ def read_split(spec: TaskSpec, split: str) -> list[Example]:
     spec = spec.for_split(split)
     if not path.exists():
         raise TaskError(f"{path}: no such file for split '{split}' of task '{spec.name}' ({spec.source})")
+    if path.is_dir() and spec.format != "tweeteval":
+        raise TaskError(f"{path}: a folder, given as split '{split}' of task '{spec.name}' ({spec.source}); expected a "
+                        f"{spec.format} file")
     examples = list(read_tweeteval(spec, path, split) if spec.format == "tweeteval" else READERS[spec.format](spec, path))
     if not examples:
         raise TaskError(f"{path}: split '{split}' of task '{spec.name}' is empty; expected at least one example")
@@ -227,6 +237,9 @@ def stratified_sample(examples: list[Example], n: int | None, seed: int = 0) -> 
     return [examples[i] for i in chosen]
 
 
+_LEAKS_LOGGED: set[tuple[str, int]] = set()
+
+
 def find_leakage(train: list[Example], test: list[Example]) -> list[Example]:
     """Returns the test examples whose (text, aspect) also stands in train, exactly."""
     seen = {(e.text, e.aspect) for e in train}
@@ -236,11 +249,13 @@ def find_leakage(train: list[Example], test: list[Example]) -> list[Example]:
 def read_task(spec: TaskSpec, splits: tuple[str, ...] = ("train", "validation", "test")) -> tuple[dict[str, list[Example]], int]:
     """Returns every requested split that the spec names, and how many test examples also stand in train.
 
-    Such duplicates are logged with their count and first examples, so leakage is never silent.
+    Such duplicates are logged with their count and first examples, once per task and process (every phase reads
+    the data again), so leakage is never silent and never repeated.
     """
     data = {s: read_split(spec, s) for s in splits if s in spec.splits}
     leaked = find_leakage(data["train"], data["test"]) if "train" in data and "test" in data else []
-    if leaked:
+    if leaked and (spec.name, len(leaked)) not in _LEAKS_LOGGED:
+        _LEAKS_LOGGED.add((spec.name, len(leaked)))
         first = "; ".join(repr(e.text[:60]) for e in leaked[:3])
         log.warning("task '%s': %d test example(s) also stand in train, e.g. %s", spec.name, len(leaked), first)
     return data, len(leaked)

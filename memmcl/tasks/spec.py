@@ -191,6 +191,35 @@ _KEYS = {"name", "group", "instruction", "labels", "aliases", "format", "fields"
          "keep_conflict", "kind", "metric", "slots", "file_slots", "spans", "nullable", "slot_values", "unmatched_spans"}
 
 
+# Fields that hold one word or sentence, and a bound on the size of a whole spec: a YAML alias expanded many times
+# over (a "billion laughs" mapping inside a field) is an error naming the field, never a gigabyte string.
+_STRING_FIELDS = ("group", "instruction", "format", "aspect_name", "semeval_unit", "kind", "metric", "unmatched_spans")
+MAX_SPEC_NODES = 10_000
+MAX_SPEC_CHARS = 100_000
+
+
+def _check_size(data: dict, source: str) -> None:
+    """Fails, naming the top-level field, when the spec (aliases counted each time they are used) holds more than
+    `MAX_SPEC_NODES` values or `MAX_SPEC_CHARS` characters of text."""
+    nodes = chars = 0
+    for key, value in data.items():
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            nodes += 1
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+            else:
+                chars += len(str(item)) if isinstance(item, str | bytes) else 0
+            if nodes > MAX_SPEC_NODES or chars > MAX_SPEC_CHARS:
+                raise TaskError(f"{source}: field '{key}' is too large (over {MAX_SPEC_NODES} values or "
+                                f"{MAX_SPEC_CHARS} characters in the spec, YAML aliases counted each time); expected a "
+                                f"task spec, not a data file")
+
+
 def default_metric(kind: str) -> str:
     return "tuple_f1" if kind == "extraction" else "accuracy"
 
@@ -292,9 +321,15 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     unknown = set(data) - _KEYS
     if unknown:
         raise TaskError(f"{source}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_KEYS)}")
+    _check_size(data, source)
     for key in ("name", "group", "instruction", "labels", "splits"):
         if not data.get(key):
             raise TaskError(f"{source}: field '{key}' is missing or empty")
+    for key in _STRING_FIELDS:
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            raise TaskError(f"{source}: field '{key}' is a {type(data[key]).__name__}; expected a string")
+    if isinstance(data["name"], bool) or not isinstance(data["name"], str | int):
+        raise TaskError(f"{source}: field 'name' is a {type(data['name']).__name__}; expected a task name of {NAME_RULE}")
     if data["group"] not in GROUPS:
         raise TaskError(f"{source}: field 'group' is '{data['group']}'; expected one of {list(GROUPS)}")
     fmt = data.get("format", "jsonl")
@@ -304,6 +339,9 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     if not isinstance(labels, dict) or len(labels) < 2:
         raise TaskError(f"{source}: field 'labels' must map at least two label names to answer words")
     for key, value in labels.items():
+        if isinstance(key, dict | list) or isinstance(value, dict | list):
+            raise TaskError(f"{source}: field 'labels': {key!r} maps to a {type(value).__name__}; expected label "
+                            f"name: answer word")
         if isinstance(key, bool) or isinstance(value, bool):
             raise TaskError(f"{source}: field 'labels': {key!r}: {value!r} holds a YAML boolean, not a word; "
                             f"quote label names and answer words ('yes': 'yes')")
@@ -370,6 +408,8 @@ _SpecLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:tru
 def load_task_spec(name_or_path: str, data_dir: str | os.PathLike | None = None) -> TaskSpec:
     """Returns the spec for a shipped task name (`sc_binary`) or a path to a task YAML file."""
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        raise TaskError(f"{path}: a folder, not a task spec file; expected a YAML file or a shipped task name")
     if not path.suffix:
         path = task_config_dir() / f"{name_or_path}.yaml"
         if not path.exists():
