@@ -21,24 +21,17 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.callbacks.curriculum import CurriculumSampler
-from memmcl.datamodule import MultiTaskDataModule
+from memmcl.roster import variant_name
 from memmcl.rundir import config_hash, write_atomic
 from memmcl.workers import run_in_workers
 
 if TYPE_CHECKING:
-    from memmcl.pipeline import Pipeline
+    from memmcl.run import RunContext
 
 MULTITASK_OUTPUTS = ("test.json", "correct.json", "expert/expert.yaml", "expert/adapter_model.safetensors")
 
 
-def variant_name(pacing: str) -> str:
-    """The model's name in eval/results.json: `multitask` (no pacing) or `multitask+curriculum[_<pacing>]`."""
-    if pacing == "none":
-        return "multitask"
-    return "multitask+curriculum" if pacing == "root" else f"multitask+curriculum_{pacing}"
-
-
-def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> str:
+def multitask_key(p: RunContext, pacing: str, order: list[str], data_hash: str) -> str:
     expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs")}
     settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
     if settings["batch_size"] is None:  # unset: keys as before the option
@@ -47,22 +40,20 @@ def multitask_key(p: Pipeline, pacing: str, order: list[str], data_hash: str) ->
                         settings, pacing, order if pacing != "none" else None, data_hash])
 
 
-def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) -> dict:
+def multitask_phase(p: RunContext, pacing: str, order: list[str], data_hash: str) -> dict:
     """Trains and tests one multi-task adapter into multitask/<variant>; returns {"test": its per-task test results,
     "correct": each test example's correctness per task (`LabelScoringModule.correct`)}."""
     name = variant_name(pacing)
     out = p.run_dir / "multitask" / name
     key = multitask_key(p, pacing, order, data_hash)
-    if p._start_training(f"multitask:{name}", ("multitask", name), key, MULTITASK_OUTPUTS):
+    if p.start_training(f"multitask:{name}", ("multitask", name), key, MULTITASK_OUTPUTS):
         return {part: json.loads((out / f"{part}.json").read_text()) for part in ("test", "correct")}
     started, e, m = time.time(), p.expert, p.multitask
     model = p.expert_model(out / "expert")
-    dm = MultiTaskDataModule(p.specs, backbone=p.backbone, max_length=p.max_length, batch_size=m.batch_size or e.batch_size,
-                             eval_batch_size=p.eval_batch_size, max_train_examples=e.max_train_examples,
-                             max_eval_examples=p.max_eval_examples, seed=p.seed, samples_per_epoch=m.samples_per_epoch)
+    dm = p.datamodule(p.specs, batch_size=m.batch_size or e.batch_size, samples_per_epoch=m.samples_per_epoch)
     callbacks = [] if pacing == "none" else [CurriculumSampler(pacing=pacing, order=order,
                                                                start_competence=m.start_competence)]
-    trainer = p._trainer(f"multitask/{name}", max_epochs=m.max_epochs, callbacks=callbacks, limit_val_batches=0,
+    trainer = p.trainer(f"multitask/{name}", max_epochs=m.max_epochs, callbacks=callbacks, limit_val_batches=0,
                          log_every_n_steps=10)
     trainer.fit(model, dm)
     trainer.test(model, datamodule=dm, verbose=False)
@@ -73,16 +64,16 @@ def multitask_phase(p: Pipeline, pacing: str, order: list[str], data_hash: str) 
         write_atomic(out / "correct.json", json.dumps(correct).encode())
     trainer.strategy.barrier()
     per_epoch = m.samples_per_epoch or sum(len(dm.examples[s.name]["train"]) for s in p.specs)
-    p._finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch, steps=trainer.global_step,
+    p.finish(f"multitask:{name}", out, key, started, samples=m.max_epochs * per_epoch, steps=trainer.global_step,
               mean_acc=sum(r["acc"] for r in results.values()) / len(results))
     return {"test": results, "correct": correct}
 
 
-def multitask_phases(p: Pipeline, difficulty: dict) -> dict[str, dict]:
+def multitask_phases(p: RunContext, difficulty: dict) -> dict[str, dict]:
     """The multi-task LoRA baselines (`memmcl.baselines`); returns {variant: {"test", "correct"}} (see
     `multitask_phase`)."""
     data_hash = config_hash([(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in p.specs])
     args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
     run_in_workers(p, [(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
-                  if not p._done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
+                  if not p.done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
     return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}

@@ -1,8 +1,6 @@
 """The evaluation matrix of `memmcl pipeline`: every model of the roster on every task's test split, one scorer.
 
-`ROSTER` names every evaluated model in the method's order with its label in the report; `group_means` is the one
-definition of mean accuracy (overall and per group) used by the search summary, the pipeline and the report.
-`CLAIMS` are the differences the method claims; each gets a paired bootstrap interval (`memmcl.bootstrap`) from the
+The models, their names and `CLAIMS` (the differences the method claims) are `memmcl.roster`'s; each claim gets a paired bootstrap interval (`memmcl.bootstrap`) from the
 models' per-example correctness, kept in results.json as one '0'/'1' string per task in test-example-id order.
 """
 
@@ -18,44 +16,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.bootstrap import RESAMPLES, paired_bootstrap
-from memmcl.datamodule import MultiTaskDataModule
+from memmcl.roster import CLAIMS, FINAL, ICL_MODELS, group_means
 from memmcl.rundir import config_hash, inside, write_json
 from memmcl.settings import demo_settings
 
 if TYPE_CHECKING:
-    from memmcl.pipeline import Pipeline
-
-# Model name in eval/results.json -> its label; `evolved_group` is composed by the report (each group's own merge on
-# that group's tasks, from `evolved_<group>`).
-ROSTER = {
-    "base": "base (zero-shot)",
-    "expert": "expert",
-    "uniform": "uniform merge",
-    "task_arithmetic": "task arithmetic (tuned λ)",
-    "evolved_group": "evolved group merge",
-    "evolved_global": "evolved global merge",
-    "multitask": "multi-task LoRA",
-    "multitask+curriculum": "multi-task LoRA + curriculum",
-    "evolved_global+icl": "global + curriculum ICL",
-    "evolved_global+icl_random": "global + random-order ICL",
-    "evolved_global+icl_reverse": "global + reverse-order ICL",
-}
-ICL_MODELS = {"curriculum": "evolved_global+icl", "random": "evolved_global+icl_random",
-              "reverse": "evolved_global+icl_reverse"}
-# (A, B): the claim that A's mean test accuracy differs from B's; scored when both were evaluated.
-CLAIMS = (("evolved_global", "uniform"), ("evolved_global", "task_arithmetic"), ("evolved_global", "multitask"),
-          ("evolved_global+icl", "evolved_global"), ("evolved_global+icl", "evolved_global+icl_random"),
-          ("evolved_global+icl", "evolved_global+icl_reverse"), ("expert", "base"))
-
-
-def group_means(per_task: dict[str, dict], groups: dict[str, str]) -> dict[str, float]:
-    """Returns the mean of each task's standard metric overall and per group over the tasks present in `per_task`."""
-    out = {"overall": sum(r["metric"] for r in per_task.values()) / len(per_task)}
-    for g in dict.fromkeys(groups[t] for t in per_task):
-        accs = [r["metric"] for t, r in per_task.items() if groups[t] == g]
-        out[g] = sum(accs) / len(accs)
-    return out
-
+    from memmcl.run import RunContext
 
 def encode_correct(draws: dict[str, list[dict[str, dict[str, bool]]]]) -> dict[str, dict[str, list[str]]]:
     """Returns {model: {task: one '0'/'1' string per draw}} from {model: [per draw {task: {example id: correct}}]},
@@ -90,28 +56,26 @@ def claimed_differences(correct: dict[str, dict[str, list[str]]], seed: int, res
     return out
 
 
-def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, metadata: dict, multitask: dict) -> dict:
+def eval_phase(p: RunContext, merge_key: str, record: dict, difficulty: dict, metadata: dict, multitask: dict) -> dict:
     """Test accuracy / macro-F1 of base, experts, uniform, evolved group and global merges, and the global merge
     with curriculum (and, for the ablation, random-order) demonstrations, each model's per-example correctness and
     the `CLAIMS`' bootstrap intervals; into eval/results.json."""
     out = inside(p.run_dir, "eval")
     key = config_hash([merge_key, demo_settings(p.demos), difficulty["order"], p.max_eval_examples, multitask,
                        RESAMPLES])
-    if marker := p._done(out, key, ("results.json",)):
-        p._skip("eval", marker)
+    if marker := p.done(out, key, ("results.json",)):
+        p.skip("eval", marker)
         return json.loads((out / "results.json").read_text())
     started = time.time()
     search = p.search()
-    trainer = p._trainer(None, quiet=True)
+    trainer = p.trainer(None, quiet=True)
     merges = search.candidate_merges(record)
     models = {name: merges[name] for name in ("base", "uniform", "task_arithmetic") if name in merges}
-    models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != "evolved_global"})
-    models["evolved_global"] = merges["final"]
+    models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != FINAL})
+    models[FINAL] = merges["final"]
 
     def dm(specs, **kw):
-        return MultiTaskDataModule(specs, backbone=p.backbone, max_length=kw.pop("max_length", p.max_length),
-                                   eval_batch_size=p.eval_batch_size, seed=p.seed,
-                                   max_eval_examples=p.max_eval_examples, **kw)
+        return p.datamodule(specs, max_train_examples=None, **kw)  # demonstrations come from the whole training set
 
     results: dict[str, dict] = {}
     draws: dict[str, list[dict]] = {}  # model -> per demonstration draw (one without) {task: {example id: correct}}
@@ -130,7 +94,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
         results[name], draws[name] = r["test"], [r["correct"]]
     icl: dict[str, dict] = {}
     if p.demos.k > 0:  # the ablation: each order over `seeds` demonstration draws, its mean per task and the spread
-        icl["none"] = {"per_seed": [sum(r["metric"] for r in results["evolved_global"].values()) / len(p.specs)]}
+        icl["none"] = {"per_seed": [sum(r["metric"] for r in results[FINAL].values()) / len(p.specs)]}
         for order in p.demos.orders:
             runs, draws[ICL_MODELS[order]] = [], []
             for i in range(p.demos.seeds):
@@ -139,7 +103,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
                           demo_losses=str(p.run_dir / "weak"),
                           difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i,
                           encode_splits=["test"])
-                runs.append(dict(search.evaluate(trainer, models["evolved_global"], data, split="test")))
+                runs.append(dict(search.evaluate(trainer, models[FINAL], data, split="test")))
                 draws[ICL_MODELS[order]].append(search.correct["test"])
             results[ICL_MODELS[order]] = {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]}
                                           for t in runs[0]}
@@ -157,7 +121,7 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
                "precision": p.precision.to_dict(), "correct": correct}
     write_json(out / "results.json", summary)
     if rank_zero_only.rank == 0:
-        logger = p._tensorboard("eval")
+        logger = p.tensorboard("eval")
         for step, m in enumerate(results):
             logger.experiment.add_scalar("eval/mean_metric", summary["means"][m]["overall"], step)
             for task, r in results[m].items():
@@ -170,5 +134,5 @@ def eval_phase(p: Pipeline, merge_key: str, record: dict, difficulty: dict, meta
             for bound in ("diff", "low", "high"):
                 logger.experiment.add_scalar(f"eval/differences/{d['a']}_vs_{d['b']}/{bound}", d[bound], 0)
         logger.finalize("success")
-    p._finish("eval", out, key, started)
+    p.finish("eval", out, key, started)
     return summary

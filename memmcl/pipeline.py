@@ -26,24 +26,22 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-import lightning as L
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from memmcl.baselines import multitask_phases
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
-from memmcl.datamodule import MultiTaskDataModule
 from memmcl.evaluation import eval_phase
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
-from memmcl.experts.expert import LoRAExpert, write_atomic
-from memmcl.experts.tangent import TangentExpert, clear_jacobians
+from memmcl.experts.expert import write_atomic
+from memmcl.experts.tangent import clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
-from memmcl.merging.search import GENOME_FILE, MergeSearch, genome_problem
+from memmcl.merging.search import GENOME_FILE, genome_problem
 from memmcl.merging.weak import check_task_data, mine_weak_data, summary_problem
 from memmcl.precision import resolve_precision
+from memmcl.run import PHASE_FILE, RunContext  # noqa: F401  (PHASE_FILE re-exported)
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
     clear,
@@ -67,13 +65,12 @@ from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
 from memmcl.workers import run_in_workers
 
 log = logging.getLogger(__name__)
-PHASE_FILE = ".phase.json"
 
 
 EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.json", "expert/adapter_model.safetensors")
 
 
-class Pipeline:
+class Pipeline(RunContext):
     """MEM-MCL end to end: experts → weak data → difficulty → group merges → global merge → evaluation → report.
 
     Args:
@@ -110,24 +107,18 @@ class Pipeline:
         data_dir: str | None = None,
         multitask: MultitaskConfig | None = None,
     ):
-        self.name, self.backbone, self.seed = name, backbone, seed
-        self.max_length, self.eval_batch_size, self.max_eval_examples = max_length, eval_batch_size, max_eval_examples
-        self.expert, self.merge = expert or ExpertConfig(), merge or MergeConfig()
-        self.demos, self.trainer_config = demonstrations or DemoConfig(), trainer or TrainerConfig()
-        self.difficulty_weights = difficulty_weights
-        self.multitask = multitask or MultitaskConfig()
-        t = self.trainer_config
+        expert, trainer = expert or ExpertConfig(), trainer or TrainerConfig()
         try:
-            self.precision = resolve_precision(t.precision, t.accelerator, dtype, tangent=self.expert.tangent)
+            precision = resolve_precision(trainer.precision, trainer.accelerator, dtype, tangent=expert.tangent)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if tasks is not None and not tasks:
             raise PipelineError("tasks: expected at least one shipped task name or task spec path, got [] "
                                 "(leave tasks out for every shipped task)")
-        self.specs = load_task_specs(list(embedded_task_names() if tasks is None else tasks), data_dir)
-        self.run_dir = Path(root) / name
-        self.phases: dict[str, dict] = {}
-        self._search: MergeSearch | None = None
+        specs = load_task_specs(list(embedded_task_names() if tasks is None else tasks), data_dir)
+        super().__init__(Path(root) / name, specs, backbone, precision, seed, max_length, eval_batch_size,
+                         max_eval_examples, expert, merge, demonstrations, multitask, trainer)
+        self.name, self.difficulty_weights = name, difficulty_weights
         self.check_settings()
 
     def check_settings(self) -> None:
@@ -139,7 +130,7 @@ class Pipeline:
             raise PipelineError(f"expert.tangent: tangent experts score labels; extraction task(s) {extraction} are "
                                 "generated; expected expert.tangent: false or classification tasks only")
         try:  # the accelerator, devices and strategy are checked by building a Trainer (nothing is launched)
-            self._trainer(None, quiet=True)
+            self.trainer(None, quiet=True)
         except (MisconfigurationException, ValueError, RuntimeError) as err:
             t = self.trainer_config
             raise PipelineError(f"trainer: accelerator={t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}: "
@@ -150,69 +141,6 @@ class Pipeline:
             except ValueError as err:
                 raise PipelineError(f"backbone: {err}") from None
 
-    # ---- phase bookkeeping ---------------------------------------------------------------------------------------
-
-    def _done(self, phase_dir: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
-        """Returns the phase's marker if it holds `key` and every output file is whole; an unreadable marker or a
-        missing or corrupt output is named in a warning and the phase is done again."""
-        marker = phase_dir / PHASE_FILE
-        if not marker.exists():
-            return None
-        for path in (marker, *(phase_dir / name for name in outputs)):
-            if problem := file_problem(path):
-                log.warning("%s: %s; the phase runs again", path, problem)
-                return None
-        data = json.loads(marker.read_text())
-        return data if isinstance(data, dict) and data.get("key") == key else None
-
-    def _start_training(self, phase: str, parts: tuple[str, ...], key: str, outputs: tuple[str, ...]) -> bool:
-        """True when the training phase in `<run_dir>/<parts>` is done (skipped); else its folder is cleared for a fresh
-        run (`clear`: a symlink in its place is unlinked, never followed)."""
-        if marker := self._done(self.run_dir.joinpath(*parts), key, outputs):
-            self._skip(phase, marker)
-            return True
-        if rank_zero_only.rank == 0:
-            clear(self.run_dir, *parts)
-        return False
-
-    def expert_model(self, export_dir: Path) -> LoRAExpert | TangentExpert:
-        """A fresh LoRA adapter with the expert settings, seeded so that a run depends on its settings only."""
-        e = self.expert
-        L.seed_everything(self.seed, verbose=False)
-        if e.tangent:
-            return TangentExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                                 target_modules=e.target_modules, a0_seed=self.seed, lr=e.lr,
-                                 weight_decay=e.weight_decay, off_task_weight=e.off_task_weight,
-                                 export_dir=str(export_dir))
-        return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                          lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                          weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
-                          gradient_checkpointing=e.gradient_checkpointing, export_dir=str(export_dir))
-
-    def _finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
-        record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
-        write_json(phase_dir / PHASE_FILE, record)
-        self.phases[phase] = {**record, "skipped": False}
-
-    def _skip(self, phase: str, marker: dict) -> None:
-        if phase in self.phases:  # done by this run (in a worker process)
-            return
-        log.info("phase %s: done before with the same settings, skipped", phase)
-        self.phases[phase] = {**marker, "skipped": True}
-
-    def _tensorboard(self, version: str) -> TensorBoardLogger:
-        """Returns the logger writing to `<run_dir>/tensorboard/<version>`."""
-        inside(self.run_dir, "tensorboard", version)  # versions hold task names, which must not lead out of the run
-        return TensorBoardLogger(str(self.run_dir), name="tensorboard", version=version, default_hp_metric=False)
-
-    def _trainer(self, logger_version: str | None, quiet: bool = False, **kwargs) -> L.Trainer:
-        """Returns a Trainer with the run's settings; `quiet` hides the per-call bars of many short evaluations."""
-        t = self.trainer_config
-        logger = self._tensorboard(logger_version) if logger_version else False
-        return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=self.precision.trainer,
-                         logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0, **kwargs)
-
     # ---- phases --------------------------------------------------------------------------------------------------
 
     def data_phase(self) -> dict:
@@ -221,14 +149,15 @@ class Pipeline:
         capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
         if self.merge.on_test_overlap != "error":  # the data check's setting (the default keeps earlier keys)
             capped.append(self.merge.on_test_overlap)
+        if self.seed:  # the training sample is the experts' (seed 0 keeps earlier keys)
+            capped.append({"seed": self.seed})
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in self.specs]])
-        if marker := self._done(out, key, ("metadata.json",)):
-            self._skip("data", marker)
+        if marker := self.done(out, key, ("metadata.json",)):
+            self.skip("data", marker)
             return json.loads((out / "metadata.json").read_text())
         started = time.time()
-        dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
-                                 max_train_examples=self.expert.max_train_examples, max_eval_examples=self.max_eval_examples)
+        dm = self.datamodule(self.specs)
         dm.setup()
         for spec in self.specs:  # what later phases need from the data, before the first expert is trained
             check_task_data(spec, dm.examples[spec.name], self.merge.on_test_overlap)
@@ -237,36 +166,8 @@ class Pipeline:
             labels = Counter(bool(e.tuples) if spec.extraction else e.label for e in dm.examples[spec.name]["test"])
             metadata[spec.name]["majority_test"] = max(labels.values()) / sum(labels.values())
         write_json(out / "metadata.json", metadata)
-        self._finish("data", out, key, started)
+        self.finish("data", out, key, started)
         return metadata
-
-    def expert_settings(self) -> dict:
-        """The expert settings that decide what is trained (not `workers`); options at their default that were added
-        later are left out, so run directories of earlier versions keep their keys."""
-        settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
-        if not settings["tangent"]:
-            for name in ("tangent", "off_task_weight", "off_task_prompts"):
-                del settings[name]
-        if not settings["demonstrations"]:
-            del settings["demonstrations"], settings["demo_share"]
-        elif self.demos.select != "balanced":  # training demonstrations are selected as evaluation's are
-            settings["demo_select"] = self.demos.select
-        if not settings["weight_decay"]:
-            del settings["weight_decay"]
-        if settings["check_val_every_n_epoch"] == 1:
-            del settings["check_val_every_n_epoch"]
-        return settings
-
-    @property
-    def dtype(self) -> str:
-        """The frozen backbone's dtype, as the run's precision resolved it."""
-        return self.precision.dtype
-
-    @property
-    def numerics(self) -> str:
-        """The precision as phase keys hold it: the backbone dtype, plus Lightning's precision where that is not
-        float32 (float32 runs keep the keys of versions before the setting)."""
-        return self.dtype if self.precision.trainer in (None, "32-true") else f"{self.dtype}/{self.precision.trainer}"
 
     def expert_key(self, spec: TaskSpec) -> str:
         settings = self.expert_settings()
@@ -279,7 +180,7 @@ class Pipeline:
         records the current spec (the weak phase, the merge and evaluation read that record); else None, and a
         mismatched record is named in a warning (the expert is trained again)."""
         out = self.run_dir / "experts" / spec.name
-        marker = self._done(out, self.expert_key(spec), EXPERT_OUTPUTS)
+        marker = self.done(out, self.expert_key(spec), EXPERT_OUTPUTS)
         if marker is None:
             return None
         recorded = yaml.safe_load((out / "expert" / "expert.yaml").read_text())
@@ -294,7 +195,7 @@ class Pipeline:
         out = self.run_dir / "experts" / spec.name
         key = self.expert_key(spec)
         if marker := self.expert_done(spec):
-            self._skip(f"expert:{spec.name}", marker)
+            self.skip(f"expert:{spec.name}", marker)
             return json.loads((out / "metrics.json").read_text())
         if rank_zero_only.rank == 0:
             clear(self.run_dir, "experts", spec.name)
@@ -302,17 +203,14 @@ class Pipeline:
         model = self.expert_model(out / "expert")
         if e.tangent and e.off_task_weight > 0:
             model.set_off_task({t: items for t, items in self.off_task_pool().items() if t != spec.name})
-        dm = MultiTaskDataModule([spec], backbone=self.backbone, max_length=self.max_length, batch_size=e.batch_size,
-                                 eval_batch_size=self.eval_batch_size, max_train_examples=e.max_train_examples,
-                                 max_eval_examples=self.max_eval_examples, seed=self.seed,
-                                 train_demonstrations=e.demonstrations, train_demo_share=e.demo_share,
-                                 demo_max_length=self.demos.max_length, demo_scope=self.demos.scope,
-                                 demo_select=self.demos.select)
+        dm = self.datamodule([spec], batch_size=e.batch_size, train_demonstrations=e.demonstrations,
+                             train_demo_share=e.demo_share, demo_max_length=self.demos.max_length,
+                             demo_scope=self.demos.scope, demo_select=self.demos.select)
         callbacks = []
         if e.stop_at_accuracy is not None:
             callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,
                                            patience=e.max_epochs + 1, verbose=False))
-        trainer = self._trainer(f"experts/{spec.name}", max_epochs=e.max_epochs,
+        trainer = self.trainer(f"experts/{spec.name}", max_epochs=e.max_epochs,
                                 check_val_every_n_epoch=e.check_val_every_n_epoch,
                                 callbacks=callbacks, log_every_n_steps=10)
         trainer.fit(model, dm)
@@ -322,30 +220,17 @@ class Pipeline:
                    "seconds": round(time.time() - started, 2), "train_examples": len(dm.examples[spec.name]["train"])}
         write_json(out / "metrics.json", metrics)
         trainer.strategy.barrier()
-        self._finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
+        self.finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
         return metrics
 
     def off_task_pool(self) -> dict[str, list[tuple[list[int], list[list[int]]]]]:
         """Returns {task: `expert.off_task_prompts` of the training prompts its expert trains on} (a seeded draw, once
         per process): tangent experts are kept from moving other tasks' label scores on them."""
         if getattr(self, "_off_task_pool", None) is None:
-            dm = MultiTaskDataModule(self.specs, backbone=self.backbone, max_length=self.max_length,
-                                     max_train_examples=self.expert.max_train_examples, seed=self.seed,
-                                     encode_splits=["train"])
+            dm = self.datamodule(self.specs, encode_splits=["train"])
             dm.setup()
             self._off_task_pool = dm.sample_prompts("train", self.expert.off_task_prompts, self.seed)
         return self._off_task_pool
-
-    def search(self) -> MergeSearch:
-        """Returns the merge module over every expert (built once; weak mining, merge and evaluation share it)."""
-        if self._search is None:
-            self._search = MergeSearch(
-                experts=[str(self.run_dir / "experts" / s.name / "expert") for s in self.specs], **asdict(self.merge),
-                out_dir=str(inside(self.run_dir, "merge")), weak_dir=str(inside(self.run_dir, "weak")),
-                backbone=self.backbone, dtype=self.dtype, seed=self.seed, max_length=self.max_length,
-                eval_batch_size=self.eval_batch_size, evaluate_test=False,
-                max_train_examples=self.expert.max_train_examples)
-        return self._search
 
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:
         """Each expert's weak data (mistakes on its own training split, topped up) into weak/; returns the summary."""
@@ -353,17 +238,17 @@ class Pipeline:
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
                            self.merge.weak_anchor_ratio, self.expert.max_train_examples])
         outputs = ("summary.yaml", *(f"{s.name}{suffix}" for s in self.specs for suffix in (".jsonl", ".example_loss.json")))
-        marker = self._done(out, key, outputs)
+        marker = self.done(out, key, outputs)
         if marker and (problem := summary_problem(yaml.safe_load((out / "summary.yaml").read_text()),
                                                   [s.name for s in self.specs])):
             log.warning("%s: %s; the phase runs again", out / "summary.yaml", problem)
             marker = None
         if marker:
-            self._skip("weak", marker)
+            self.skip("weak", marker)
         else:
             started = time.time()
-            mine_weak_data(self.search(), self._trainer(None, quiet=True), progress=self.trainer_config.progress_bar)
-            self._finish("weak", out, key, started)
+            mine_weak_data(self.search(), self.trainer(None, quiet=True), progress=self.trainer_config.progress_bar)
+            self.finish("weak", out, key, started)
         return yaml.safe_load((out / "summary.yaml").read_text())
 
     def difficulty_phase(self, metadata: dict, expert_metrics: dict, weak: dict) -> dict:
@@ -372,8 +257,8 @@ class Pipeline:
         features = {s.name: task_features(metadata[s.name], expert_metrics[s.name]["acc"],
                                           weak[s.name]["wrong"] / weak[s.name]["train"]) for s in self.specs}
         key = config_hash([features, self.difficulty_weights])
-        if marker := self._done(out, key, ("difficulty.json",)):
-            self._skip("difficulty", marker)
+        if marker := self.done(out, key, ("difficulty.json",)):
+            self.skip("difficulty", marker)
             return json.loads((out / "difficulty.json").read_text())
         started = time.time()
         difficulty = difficulty_scores(features, self.difficulty_weights)
@@ -382,31 +267,31 @@ class Pipeline:
         if rank_zero_only.rank == 0:
             table = format_difficulty_table(difficulty, record["groups"])
             write_atomic(out / "difficulty.md", (table + "\n").encode())
-            logger = self._tensorboard("difficulty")
+            logger = self.tensorboard("difficulty")
             for rank, task in enumerate(difficulty.order()):
                 logger.experiment.add_scalar(f"difficulty/{task}", difficulty.scores[task], rank)
             logger.experiment.add_text("difficulty/order", table)
             logger.finalize("success")
-        self._finish("difficulty", out, key, started)
+        self.finish("difficulty", out, key, started)
         return record
 
     def merge_phase(self, expert_keys: dict[str, str]) -> tuple[str, dict]:
         """Group searches, then the global search, into merge/; returns (key, best_genome record)."""
         out = inside(self.run_dir, "merge")
         key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
-        if marker := self._done(out, key, (GENOME_FILE,)):
+        if marker := self.done(out, key, (GENOME_FILE,)):
             if problem := genome_problem(yaml.safe_load((out / GENOME_FILE).read_text())):
                 log.warning("%s: %s; the phase runs again", out / GENOME_FILE, problem)
             else:
-                self._skip("merge", marker)
+                self.skip("merge", marker)
                 return key, yaml.safe_load((out / GENOME_FILE).read_text())
         started = time.time()
         started_file = out / ".started.json"
         resume = started_file.exists() and json.loads(started_file.read_text()).get("key") == key
         write_json(started_file, {"key": key})
-        trainer = self._trainer("merge")
+        trainer = self.trainer("merge")
         record = self.search().run(trainer, resume=resume)
-        self._finish("merge", out, key, started, resumed=resume,
+        self.finish("merge", out, key, started, resumed=resume,
                      fitness={s: r["fitness"] for s, r in record["stages"].items()})
         return key, record
 

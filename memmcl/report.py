@@ -8,11 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from memmcl.evaluation import ROSTER
 from memmcl.precision import describe
+from memmcl.roster import columns, label
 from memmcl.rundir import inside, write_atomic
-
-MODEL_COLUMNS = ROSTER  # the accuracy table's columns, in the roster's order; a column shows when evaluated
 
 
 class ReportError(ValueError):
@@ -45,7 +43,7 @@ def accuracy_matrix(results: dict, metric: str = "acc") -> dict[str, dict[str, f
     if metric == "metric":
         models = {m: {t: {"metric": r.get("metric", r["acc"])} for t, r in per.items()} for m, per in models.items()}
     out: dict[str, dict[str, float]] = {}
-    for column in MODEL_COLUMNS:
+    for column in columns(models):
         if column == "evolved_group":
             values = {t: models[f"evolved_{g}"][t][metric] for t, g in groups.items() if f"evolved_{g}" in models}
         elif column in models:
@@ -59,15 +57,15 @@ def accuracy_matrix(results: dict, metric: str = "acc") -> dict[str, dict[str, f
 
 def markdown_table(matrix: dict[str, dict[str, float]], groups: dict[str, str], majority: dict[str, float] | None = None) -> str:
     """Returns a Markdown table: one row per task, then the mean per group and overall; one column per model."""
-    columns = list(matrix)
-    head = ["task", "group", *(["majority"] if majority else []), *(MODEL_COLUMNS[c] for c in columns)]
+    names = list(matrix)
+    head = ["task", "group", *(["majority"] if majority else []), *(label(c) for c in names)]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
 
     def row(label: str, group: str, tasks: list[str]) -> str:
         cells = [cell(label), cell(group)]
         if majority:
             cells.append(f"{sum(majority[t] for t in tasks) / len(tasks):.3f}")
-        for c in columns:
+        for c in names:
             vals = [matrix[c][t] for t in tasks if t in matrix[c]]
             cells.append(f"{sum(vals) / len(vals):.3f}" if len(vals) == len(tasks) else "")
         return "| " + " | ".join(cells) + " |"
@@ -84,7 +82,7 @@ def differences_table(differences: list[dict]) -> str:
     """Returns a Markdown table of the claimed differences A − B: value, 95% interval, ✓ where it excludes zero."""
     lines = ["| difference | value | 95% interval | excludes 0 |", "|---|---:|---|:---:|"]
     for d in differences:
-        lines.append(f"| {ROSTER[d['a']]} − {ROSTER[d['b']]} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] "
+        lines.append(f"| {label(d['a'])} − {label(d['b'])} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] "
                      f"| {'✓' if d['excludes_zero'] else ''} |")
     return "\n".join(lines)
 
@@ -117,7 +115,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     width = 0.8 / len(matrix)
     for i, (column, values) in enumerate(matrix.items()):
         ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, [values.get(t, np.nan) for t in tasks], width,
-               label=MODEL_COLUMNS[column])
+               label=label(column))
     ax.scatter(np.arange(len(tasks)), [results["majority"][t] for t in tasks], marker="_", s=400, c="black", zorder=3,
                label="majority class")
     ax.set_xticks(np.arange(len(tasks)), tasks, rotation=35, ha="right")

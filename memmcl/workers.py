@@ -13,12 +13,12 @@ import torch
 from memmcl.rundir import init_worker
 
 if TYPE_CHECKING:
-    from memmcl.pipeline import Pipeline
+    from memmcl.run import RunContext
 
 log = logging.getLogger(__name__)
 
 
-def run_in_workers(p: Pipeline, jobs: list[tuple[str, Callable, tuple]]) -> None:
+def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> None:
     """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several
     and the run is on one CPU device (a tiny model's step is mostly per-op overhead, so two single-thread
     processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
@@ -50,7 +50,7 @@ def run_in_workers(p: Pipeline, jobs: list[tuple[str, Callable, tuple]]) -> None
             bar.close()
 
 
-def _phase_job(pipeline: Pipeline, name: str, fn: Callable, args: tuple) -> dict:
+def _phase_job(pipeline: RunContext, name: str, fn: Callable, args: tuple) -> dict:
     """Runs one phase in a worker process; returns its phase record."""
     fn(pipeline, *args)
     return pipeline.phases[name]

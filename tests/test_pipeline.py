@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memmcl.evaluation import CLAIMS
 from memmcl.merging.search import MergeSearch
 from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, Pipeline, TrainerConfig
 from memmcl.report import ReportError, write_report
+from memmcl.roster import CLAIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["sc_binary", "sc_3class", "irony"]  # SC + MAST: group searches and the global one

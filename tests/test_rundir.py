@@ -39,10 +39,13 @@ def test_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path, tiny
 
 def test_workers_die_with_their_parent(tmp_path):
     script = (
-        "import time, concurrent.futures as cf, multiprocessing as mp\n"
+        "import os, time, concurrent.futures as cf, multiprocessing as mp\n"
         "from memmcl.rundir import init_worker\n"
         "if __name__ == '__main__':\n"
         "    pool = cf.ProcessPoolExecutor(2, mp_context=mp.get_context('spawn'), initializer=init_worker, initargs=(1,))\n"
+        "    ready, deadline = set(), time.time() + 60\n"
+        "    while len(ready) < 2 and time.time() < deadline:  # a worker that ran a job has run its initializer\n"
+        "        ready |= {f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}\n"
         "    jobs = [pool.submit(time.sleep, 120) for _ in range(2)]\n"
         "    time.sleep(1)\n"
         "    print(' '.join(str(p) for p in pool._processes), flush=True)\n"
@@ -51,7 +54,6 @@ def test_workers_die_with_their_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in parent.stdout.readline().split()]
     assert len(workers) == 2
-    time.sleep(3)  # the workers finish importing and run their initializer
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.time() + 10
