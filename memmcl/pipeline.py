@@ -27,13 +27,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from memmcl.baselines import multitask_phases
 from memmcl.curriculum.difficulty import difficulty_scores, format_difficulty_table, task_features
 from memmcl.evaluation import eval_phase
+from memmcl.expert_phase import EXPERT_OUTPUTS, expert_done, expert_key, expert_phase  # noqa: F401
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import write_atomic
 from memmcl.experts.tangent import clear_jacobians
@@ -61,13 +61,12 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     TrainerConfig,
     check_pipeline_settings,
 )
-from memmcl.tasks.spec import TaskSpec, embedded_task_names, load_task_specs
+from memmcl.tasks.spec import embedded_task_names, load_task_specs
 from memmcl.workers import run_in_workers
 
 log = logging.getLogger(__name__)
 
 
-EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.json", "expert/adapter_model.safetensors")
 
 
 class Pipeline(RunContext):
@@ -169,69 +168,6 @@ class Pipeline(RunContext):
         self.finish("data", out, key, started)
         return metadata
 
-    def expert_key(self, spec: TaskSpec) -> str:
-        settings = self.expert_settings()
-        capped = [self.max_eval_examples] if self.max_eval_examples else []
-        return config_hash([self.backbone, self.numerics, self.seed, self.max_length, *capped, settings, spec.to_dict(),
-                            spec.data_hash(("train", "validation"))])
-
-    def expert_done(self, spec: TaskSpec) -> dict | None:
-        """Returns the expert phase's marker when the task's expert is trained with these settings and its expert.yaml
-        records the current spec (the weak phase, the merge and evaluation read that record); else None, and a
-        mismatched record is named in a warning (the expert is trained again)."""
-        out = self.run_dir / "experts" / spec.name
-        marker = self.done(out, self.expert_key(spec), EXPERT_OUTPUTS)
-        if marker is None:
-            return None
-        recorded = yaml.safe_load((out / "expert" / "expert.yaml").read_text())
-        if not isinstance(recorded, dict) or recorded.get("tasks") != [json.loads(json.dumps(spec.to_dict()))]:
-            log.warning("%s: does not record the current spec of task '%s' (%s); the expert is trained again",
-                        out / "expert" / "expert.yaml", spec.name, spec.source)
-            return None
-        return marker
-
-    def expert_phase(self, spec: TaskSpec) -> dict:
-        """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
-        out = self.run_dir / "experts" / spec.name
-        key = self.expert_key(spec)
-        if marker := self.expert_done(spec):
-            self.skip(f"expert:{spec.name}", marker)
-            return json.loads((out / "metrics.json").read_text())
-        if rank_zero_only.rank == 0:
-            clear(self.run_dir, "experts", spec.name)
-        started, e = time.time(), self.expert
-        model = self.expert_model(out / "expert")
-        if e.tangent and e.off_task_weight > 0:
-            model.set_off_task({t: items for t, items in self.off_task_pool().items() if t != spec.name})
-        dm = self.datamodule([spec], batch_size=e.batch_size, train_demonstrations=e.demonstrations,
-                             train_demo_share=e.demo_share, demo_max_length=self.demos.max_length,
-                             demo_scope=self.demos.scope, demo_select=self.demos.select)
-        callbacks = []
-        if e.stop_at_accuracy is not None:
-            callbacks.append(EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=e.stop_at_accuracy,
-                                           patience=e.max_epochs + 1, verbose=False))
-        trainer = self.trainer(f"experts/{spec.name}", max_epochs=e.max_epochs,
-                                check_val_every_n_epoch=e.check_val_every_n_epoch,
-                                callbacks=callbacks, log_every_n_steps=10)
-        trainer.fit(model, dm)
-        if trainer.current_epoch % e.check_val_every_n_epoch:  # trained past the last validation: score the final model
-            trainer.validate(model, dm, verbose=False)
-        metrics = {**model.results["val"][spec.name], "epochs": trainer.current_epoch,
-                   "seconds": round(time.time() - started, 2), "train_examples": len(dm.examples[spec.name]["train"])}
-        write_json(out / "metrics.json", metrics)
-        trainer.strategy.barrier()
-        self.finish(f"expert:{spec.name}", out, key, started, val_acc=metrics["acc"], epochs=metrics["epochs"])
-        return metrics
-
-    def off_task_pool(self) -> dict[str, list[tuple[list[int], list[list[int]]]]]:
-        """Returns {task: `expert.off_task_prompts` of the training prompts its expert trains on} (a seeded draw, once
-        per process): tangent experts are kept from moving other tasks' label scores on them."""
-        if getattr(self, "_off_task_pool", None) is None:
-            dm = self.datamodule(self.specs, encode_splits=["train"])
-            dm.setup()
-            self._off_task_pool = dm.sample_prompts("train", self.expert.off_task_prompts, self.seed)
-        return self._off_task_pool
-
     def weak_phase(self, expert_keys: dict[str, str]) -> dict:
         """Each expert's weak data (mistakes on its own training split, topped up) into weak/; returns the summary."""
         out = inside(self.run_dir, "weak")
@@ -316,13 +252,13 @@ class Pipeline(RunContext):
         metadata = self.data_phase()
         if on_data_checked is not None:
             on_data_checked()
-        run_in_workers(self, [(f"expert:{s.name}", Pipeline.expert_phase, (s,)) for s in self.specs
-                         if not self.expert_done(s)])
-        expert_metrics = {s.name: self.expert_phase(s) for s in self.specs}
+        run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s,)) for s in self.specs
+                         if not expert_done(self, s)])
+        expert_metrics = {s.name: expert_phase(self, s) for s in self.specs}
         clear_jacobians()  # tangent experts' training features: not needed past this point
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
-        expert_keys = {s.name: [self.expert_key(s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
+        expert_keys = {s.name: [expert_key(self, s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
                        for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)

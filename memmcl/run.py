@@ -48,6 +48,7 @@ class RunContext:
         self.multitask = multitask or MultitaskConfig()
         self.phases: dict[str, dict] = {}
         self._search: MergeSearch | None = None
+        self.off_task: dict | None = None  # tangent experts' off-task prompts, drawn once per process
 
     # ---- the phase store -----------------------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ class Killed(Exception):
 
 
 def kill_at(stage: str, generation: int):
-    """A `_after_generation` hook that stops the search after `generation` of `stage`, as a killed run would."""
+    """A `after_generation` hook that stops the search after `generation` of `stage`, as a killed run would."""
     def kill(self, s, g):
         if (s, g) == (stage, generation):
             raise Killed
@@ -130,7 +130,7 @@ def test_search_is_deterministic_and_resumes_to_the_same_result(experts, tmp_pat
     # a stage kept a non-zero genome (random experts may leave the final merge at the base model): resuming must match it
     assert any(w != 0 for stage in whole["stages"].values() for w in stage["genome"])
 
-    monkeypatch.setattr(MergeSearch, "_after_generation", kill_at("MAST", 2))
+    monkeypatch.setattr(MergeSearch, "after_generation", kill_at("MAST", 2))
     with pytest.raises(Killed):
         search(experts, tmp_path / "killed").run(trainer())
     state = tmp_path / "killed" / "stages" / "MAST" / "state.json"
@@ -202,7 +202,7 @@ def test_nsga2_search_returns_its_front_and_resumes(experts, tmp_path, monkeypat
     assert front and evolution.pareto_front(front) == front  # no member dominates another
     assert evolution.knee(front)[0] == glob["genome"]  # the stage's merge is the front's knee
 
-    monkeypatch.setattr(MergeSearch, "_after_generation", kill_at("global", 2))
+    monkeypatch.setattr(MergeSearch, "after_generation", kill_at("global", 2))
     with pytest.raises(Killed):
         search(experts, tmp_path / "killed", algorithm="nsga2", generations=3).run(trainer())
     monkeypatch.undo()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memmcl.pipeline import EXPERT_OUTPUTS, Pipeline
+from memmcl.expert_phase import EXPERT_OUTPUTS, expert_key
+from memmcl.pipeline import Pipeline
 from memmcl.rundir import RunDirError, clear, inside, sweep_temporaries
 from memmcl.tasks.spec import TaskError, load_task_spec, spec_from_dict
 
@@ -96,8 +97,8 @@ def test_a_rerun_unlinks_a_planted_expert_folder_link_and_leaves_its_target(tmp_
     linked = planted(tmp_path / "linked")
     (run.run_dir / "experts").mkdir(parents=True)
     (run.run_dir / "experts" / "sc_binary").symlink_to(linked, target_is_directory=True)
-    assert not run._start_training("expert:sc_binary", ("experts", "sc_binary"), run.expert_key(run.specs[0]),
-                                   EXPERT_OUTPUTS)
+    assert not run.start_training("expert:sc_binary", ("experts", "sc_binary"), expert_key(run, run.specs[0]),
+                                  EXPERT_OUTPUTS)
     assert not (run.run_dir / "experts" / "sc_binary").exists() and untouched(linked)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from memmcl.expert_phase import expert_key
 from memmcl.merging.search import MergeSearch
 from memmcl.pipeline import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, Pipeline, TrainerConfig
 from memmcl.report import ReportError, write_report
@@ -31,14 +32,14 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     def kill(self, stage, generation):
         if stage == "MAST" and generation == 1:
             raise Killed
-    resume = MergeSearch._after_generation
-    monkeypatch.setattr(MergeSearch, "_after_generation", kill)
+    resume = MergeSearch.after_generation
+    monkeypatch.setattr(MergeSearch, "after_generation", kill)
     first = pipeline(tmp_path, tiny_dir)
     with pytest.raises(Killed):
         first.run()
     assert not (tmp_path / "small" / "merge" / ".phase.json").exists()
     # not monkeypatch.undo(): that would also undo conftest's float32 default, so a bf16 CPU would change every key
-    monkeypatch.setattr(MergeSearch, "_after_generation", resume)
+    monkeypatch.setattr(MergeSearch, "after_generation", resume)
     second = pipeline(tmp_path, tiny_dir)
     results = second.run()
     skipped = {p for p, r in second.phases.items() if r["skipped"]}
@@ -150,7 +151,7 @@ def test_saved_run_config_starts_the_same_run(tiny_dir, monkeypatch, tmp_path):
     save_config(parser, cfg, tmp_path / "config.yaml")
     _, _, again = build_pipeline(["--config", str(tmp_path / "config.yaml")])
     assert again.expert == first.expert and again.merge == first.merge and again.demos == first.demos
-    assert [again.expert_key(s) for s in again.specs] == [first.expert_key(s) for s in first.specs]
+    assert [expert_key(again, s) for s in again.specs] == [expert_key(first, s) for s in first.specs]
 
 
 @pytest.mark.parametrize("config", ["expert.yaml", "multitask.yaml"])

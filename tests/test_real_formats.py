@@ -127,7 +127,7 @@ def test_data_folder_setting(tmp_path, monkeypatch):
     assert [e.text for e in read_split(spec, "train")] == ["fine film"]
     monkeypatch.delenv(DATA_DIR_ENV)
     monkeypatch.chdir(tmp_path)  # no ../shared/realdata from here
-    monkeypatch.setattr("memmcl.tasks.spec.default_data_dirs", lambda: [tmp_path / "absent"])
+    monkeypatch.setattr("memmcl.tasks.fields.default_data_dirs", lambda: [tmp_path / "absent"])
     unset = load_task_spec(str(ROOT / "configs" / "real" / "sst2.yaml"))
     with pytest.raises(TaskError, match=r"sst2.yaml: split .train. of task .sst2. is in the data folder .* memmcl data build .* set data_dir"):
         read_split(unset, "train")

@@ -17,8 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.experts.scoring import answer_loss, score_labels
-from memmcl.tasks.extraction import TupleCounts, parse_answer, render
 from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
+from memmcl.tasks.extraction import TupleCounts, parse_answer, render
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
 
 # All attention and MLP projections of Llama/Qwen/Mistral-style models.

@@ -1,4 +1,4 @@
-"""One stage of the merge search: DEAP proposes genomes, `MergeSearch.evaluate` scores them on weak data, the state is
+"""One stage of the merge search: DEAP proposes genomes, `MergeScorer.evaluate` scores them on weak data, the state is
 saved after every generation (resume), TensorBoard gets the best genome's fitness, accuracies and weights.
 
 Fitness of a genome, from each task's standard metric (`TaskSpec.metric`: accuracy unless the spec says otherwise,
@@ -26,7 +26,7 @@ from memmcl.merging.multilora import MergeError, coefficients_to_yaml
 from memmcl.rundir import inside
 
 if TYPE_CHECKING:
-    from memmcl.merging.search import MergeSearch
+    from memmcl.merging.scorer import MergeScorer
     from memmcl.tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def genome_coefficients(key: tuple[float, ...], basis: torch.Tensor, blocks: int
     return torch.einsum("bm,mbt->bt", x, basis)
 
 
-def run_stage(search: MergeSearch, trainer: L.Trainer, stage: str, basis: torch.Tensor, member_names: list[str],
+def run_stage(search: MergeScorer, trainer: L.Trainer, stage: str, basis: torch.Tensor, member_names: list[str],
               weak: list[TaskSpec], resume: bool, show_progress: bool) -> dict:
     """Runs one DEAP search; returns {genome, coefficients, fitness, uniform_fitness, per_task[, front]}."""
     h = search.hparams
@@ -137,7 +137,7 @@ def run_stage(search: MergeSearch, trainer: L.Trainer, stage: str, basis: torch.
         if progress is not None:
             progress.update(1)
             progress.set_postfix(best=f"{state['best'][1]:.4f}")
-        search._after_generation(stage, state["generation"])
+        search.after_generation(stage, state["generation"])
     if progress is not None:
         progress.close()
     genome, fit = state["best"]
@@ -162,7 +162,7 @@ def run_stage(search: MergeSearch, trainer: L.Trainer, stage: str, basis: torch.
     return result
 
 
-def tune_task_arithmetic(search: MergeSearch, trainer: L.Trainer, weak: list[TaskSpec], scales: list[float]) -> dict:
+def tune_task_arithmetic(search: MergeScorer, trainer: L.Trainer, weak: list[TaskSpec], scales: list[float]) -> dict:
     """Task arithmetic with one tuned scale (Ilharco et al., 2023), the simplest searched merge and a baseline:
     base + λ Σ_t ΔLoRA_t, λ picked from `scales` by the search's fitness on the union of weak data (the first of
     equals). Returns {scale, fitness, fitness_by_scale, coefficients}."""
@@ -179,7 +179,7 @@ def tune_task_arithmetic(search: MergeSearch, trainer: L.Trainer, weak: list[Tas
             "coefficients": coefficients_to_yaml(torch.full((h.blocks, T), best), search.names)}
 
 
-def _log_generation(search: MergeSearch, trainer: L.Trainer, stage: str, state: dict, member_names: list[str]) -> None:
+def _log_generation(search: MergeScorer, trainer: L.Trainer, stage: str, state: dict, member_names: list[str]) -> None:
     logger = trainer.logger
     if logger is None:
         return

@@ -25,7 +25,7 @@ from memmcl.tasks.spec import Example, TaskSpec
 if TYPE_CHECKING:
     import lightning as L
 
-    from memmcl.merging.search import MergeSearch
+    from memmcl.merging.scorer import MergeScorer
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def read_summary(path: Path) -> dict:
     return {t: e for t, e in data.items() if summary_problem({t: e}, [t]) is None}
 
 
-def mine_weak_data(search: MergeSearch, trainer: L.Trainer, progress: bool = False) -> list[TaskSpec]:
+def mine_weak_data(search: MergeScorer, trainer: L.Trainer, progress: bool = False) -> list[TaskSpec]:
     """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
     (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
     for the same expert weights; returns the weak-data specs in expert order. `progress`: one bar over the
