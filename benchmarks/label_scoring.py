@@ -28,7 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memmcl.datamodule import MultiTaskDataModule, collate
+from memmcl.datamodule import MultiTaskDataModule
+from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, language_model, score_labels
 from memmcl.rundir import quiet_libraries

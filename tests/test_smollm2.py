@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memmcl.datamodule import encode_examples
+from memmcl.encoding import encode_examples
 from memmcl.experts import gguf_backbones
 from memmcl.experts.backbone import BackboneError, load_backbone, resolve_backbone
 from memmcl.experts.scoring import score_labels
