@@ -30,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, EXPERT_FILE, LabelScoringModule, write_lora_adapter
+from memmcl.experts.expert import DEFAULT_TARGETS
+from memmcl.experts.expert_io import EXPERT_FILE, write_lora_adapter
+from memmcl.experts.label_scoring import LabelScoringModule
 from memmcl.experts.scoring import _score_chunk, continuation_rows
 from memmcl.rundir import atomic_save_dir
 

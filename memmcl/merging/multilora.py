@@ -24,7 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from memmcl.experts.expert import ADAPTER_WEIGHTS, write_lora_adapter  # noqa: F401  (ADAPTER_WEIGHTS re-exported)
+from memmcl.experts.expert_io import ADAPTER_WEIGHTS, write_lora_adapter
 from memmcl.merging.methods import MergeMethod, merge_deltas, method_info
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
