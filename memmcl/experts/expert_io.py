@@ -20,7 +20,7 @@ class ExpertError(ValueError):
 def write_lora_adapter(out_dir: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
                        base_name_or_path: str = "") -> Path:
     """Writes LoRA factors {module: (A [r, in], B [out, r])} into `out_dir` as a peft adapter whose every module
-    applies scaling · B A (ranks may differ per module); `merging.multilora.read_lora_factors` reads it back."""
+    applies scaling · B A (ranks may differ per module); `merging.factors.read_lora_factors` reads it back."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from memmcl.merging import evolution
-from memmcl.merging.multilora import MergeError, coefficients_to_yaml
+from memmcl.merging.factors import MergeError, coefficients_to_yaml
 from memmcl.rundir import inside, write_atomic
 
 if TYPE_CHECKING:
