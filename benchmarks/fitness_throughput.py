@@ -24,7 +24,8 @@ import torch
 from memmcl.datamodule import TaskDataModule
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.scoring import clear_prefix_caches, score_labels
-from memmcl.merging.multilora import LoRAFactors, MultiLoRAModel
+from memmcl.merging.factors import LoRAFactors
+from memmcl.merging.multilora import MultiLoRAModel
 from memmcl.rundir import quiet_libraries
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,7 +1,5 @@
 """Label scoring on SmolLM2-135M-Instruct (49k vocabulary), side by side in one run, examples/s of:
 - `naive`: one example at a time, prompt + answer per label, full logits over every position;
-- `filed`: the scorer as it was when the shared-prefix issue was filed (`_filed_scorer.py`: whole padded prompts, the
-  KV cache repeated once per label for multi-token answers), "today's scorer" of that issue;
 - `batched`: `score_labels(share_prefix=False)`, the scorer before prefix sharing (batched prompts, LM head at the
   answer positions only, prompt encoded once and continued per label from its KV cache);
 - `prefix`: `score_labels`, the batch's shared prefix (chat template, instruction, fixed demonstrations) encoded once,
@@ -29,9 +27,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _filed_scorer import filed_score_labels
 
-from memmcl.datamodule import MultiTaskDataModule, collate
+from memmcl.datamodule import MultiTaskDataModule
+from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, language_model, score_labels
 from memmcl.rundir import quiet_libraries
@@ -121,12 +119,11 @@ def main(per_task: int = 32, batch: int = BATCH) -> None:
     for kind, ps in prompts.items():
         naive_s, naive = one_run(lambda ps=ps: [naive_scores(model, p, a) for p, a in zip(ps, answers, strict=True)])
         seconds, results = interleaved({
-            "filed": lambda ps=ps: filed_score_labels(model, ps, answers, pad, batch),
             "batched": lambda ps=ps: score_labels(model, ps, answers, pad, batch, share_prefix=False),
             "prefix": lambda ps=ps: score_labels(model, ps, answers, pad, batch),
             "prefix_bf16": lambda ps=ps: score_labels(bf16, ps, answers, pad, batch),
         }, ROUNDS)
-        filed, batched, prefix, low = (results[k] for k in ("filed", "batched", "prefix", "prefix_bf16"))
+        batched, prefix, low = (results[k] for k in ("batched", "prefix", "prefix_bf16"))
         eps = {"naive": n / naive_s, **{k: n / statistics.median(v) for k, v in seconds.items()}}
 
         def speedup(over: str, of: str = "prefix", seconds=seconds) -> float:
@@ -141,12 +138,10 @@ def main(per_task: int = 32, batch: int = BATCH) -> None:
             "tokens_run": {**tokens, "batched_over_prefix": round(tokens["batched"] / tokens["prefix"], 2)},
             "examples_per_s": {k: round(v, 2) for k, v in eps.items()},
             "prefix_over_naive": round(eps["prefix"] / eps["naive"], 2),
-            "prefix_over_filed": speedup("filed"),
             "prefix_over_batched": speedup("batched"),
             "bf16_over_float32": speedup("prefix", "prefix_bf16"),
             "max_abs_diff_prefix_vs_naive": float((prefix - naive_t)[finite].abs().max()),
             "max_abs_diff_prefix_vs_batched": float((prefix - batched)[finite].abs().max()),
-            "max_abs_diff_prefix_vs_filed": float((prefix - filed)[finite].abs().max()),
             "max_abs_diff_bf16_vs_float32": float((low - prefix)[finite].abs().max()),
             "bf16_same_prediction": float((low.argmax(-1) == prefix.argmax(-1)).float().mean()),
         }

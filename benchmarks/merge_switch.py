@@ -17,7 +17,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from memmcl.merging.multilora import LoRAFactors, MultiLoRAModel
+from memmcl.merging.factors import LoRAFactors
+from memmcl.merging.multilora import MultiLoRAModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from memmcl.datamodule import MultiTaskDataModule, collate
+from memmcl.datamodule import MultiTaskDataModule
+from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.expert import DEFAULT_TARGETS
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, score_labels

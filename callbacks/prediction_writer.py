@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from memmcl.experts.expert import gather_records, write_jsonl_atomic
+from memmcl.experts.label_scoring import gather_records
+from memmcl.rundir import write_jsonl_atomic
 
 
 class PredictionWriter(BasePredictionWriter):

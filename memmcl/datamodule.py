@@ -1,143 +1,25 @@
-"""Tasks as LightningDataModules: tokenized splits, answer-only labels, difficulty metadata, a re-weightable sampler."""
+"""Tasks as LightningDataModules: tokenized splits (`memmcl.encoding`), answer-only labels, difficulty metadata,
+demonstrations, a re-weightable sampler (`memmcl.samplers`)."""
 
 from __future__ import annotations
 
 import json
-import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect, select_demonstration_sets
 from memmcl.curriculum.difficulty import read_difficulty_order
+from memmcl.encoding import collate, encode_examples, generation_budget
 from memmcl.experts.backbone import load_tokenizer
-from memmcl.experts.scoring import left_pad
+from memmcl.samplers import EvalShardSampler, TaskMixtureSampler
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
-from memmcl.tasks.prompts import answer_ids, build_prompt, target_ids
 from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
-
-IGNORE_INDEX = -100
-
-
-def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[Example], max_length: int,
-                    demonstrations: list[list] | None = None, demo_max_length: int | None = None,
-                    max_new_tokens: int = 0) -> list[dict]:
-    """Returns one item per example: its prompt ids (with its list in `demonstrations`, within `demo_max_length`
-    tokens when it has any), every label's answer ids, the gold label, the number of demonstrations and identifiers;
-    an extraction example has its target ids as its one answer (label 0), its gold tuples and `max_new_tokens`."""
-    answers = None if spec.extraction else [answer_ids(tokenizer, a) for a in spec.answers]
-    items = []
-    for e, demos in zip(examples, demonstrations or [[] for _ in examples], strict=True):
-        length = (demo_max_length or max_length) if demos else max_length
-        if spec.extraction:  # one answer, the target: training and the gold score use it, evaluation generates
-            target = target_ids(tokenizer, spec, e)
-            items.append({"task": task_index, "id": e.id, "label": 0, "answers": [target], "demos": len(demos),
-                          "prompt": build_prompt(tokenizer, spec, e, length, demos, len(target)), "tuples": e.tuples,
-                          "max_new": max_new_tokens})
-            continue
-        items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
-                      "prompt": build_prompt(tokenizer, spec, e, length, demos, max(map(len, answers)))})
-    return items
-
-
-def generation_budget(tokenizer, spec: TaskSpec, examples: list[Example]) -> int:
-    """Returns an extraction task's new-token budget: its longest target among `examples` (its training split), plus
-    a quarter and 8 tokens."""
-    longest = max(len(target_ids(tokenizer, spec, e)) for e in examples)
-    return longest + longest // 4 + 8
-
-
-def collate(items: list[dict], pad_id: int) -> dict:
-    """Returns a left-padded batch of prompt + gold answer whose `labels` mask everything but the answer tokens.
-
-    Left padding puts every answer at the end, so only the last positions need the LM head. The raw prompt and
-    answer ids stay in the batch for label scoring.
-    """
-    input_ids, attention_mask = left_pad([it["prompt"] + it["answers"][it["label"]] for it in items], pad_id)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for i, it in enumerate(items):
-        n_answer = len(it["answers"][it["label"]])
-        labels[i, -n_answer:] = input_ids[i, -n_answer:]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "task": torch.tensor([it["task"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items]),
-        "id": [it["id"] for it in items],
-        "prompt": [it["prompt"] for it in items],
-        "answers": [it["answers"] for it in items],
-        "tuples": [it.get("tuples") for it in items],
-        "max_new": [it.get("max_new", 0) for it in items],
-    }
-
-
-class EvalShardSampler(DistributedSampler):
-    """Shards evaluation data across ranks without the padding DistributedSampler adds, so no example counts twice."""
-
-    def __init__(self, dataset: Sequence, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class TaskMixtureSampler(DistributedSampler):
-    """Samples a fixed number of training indices per epoch from several tasks in proportion to weight × task size.
-
-    With every weight 1 an epoch is one shuffled pass over all examples; weight 0 switches a task off. The weights
-    can change between epochs (the curriculum callback drives them). Deterministic in (seed, epoch, weights); every
-    rank computes the same global order and takes its own shard.
-    """
-
-    def __init__(self, task_sizes: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0, num_samples: int | None = None):
-        offsets = [0]
-        for n in task_sizes:
-            offsets.append(offsets[-1] + n)
-        super().__init__(range(offsets[-1]), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.task_sizes = list(task_sizes)
-        self.offsets = offsets
-        self.weights = [1.0] * len(task_sizes)
-        self.epoch_samples = num_samples or offsets[-1]
-
-    def set_weights(self, weights: Sequence[float]) -> None:
-        if len(weights) != len(self.task_sizes) or any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-            raise ValueError(f"task weights must be {len(self.task_sizes)} non-negative numbers, not all zero; got {list(weights)}")
-        self.weights = [float(w) for w in weights]
-
-    def global_order(self) -> list[int]:
-        """Returns this epoch's indices over all ranks, before sharding."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        mass = [w * n for w, n in zip(self.weights, self.task_sizes, strict=True)]
-        quotas = [math.floor(self.epoch_samples * m / sum(mass)) for m in mass]
-        for t in sorted(range(len(mass)), key=lambda t: -mass[t])[: self.epoch_samples - sum(quotas)]:
-            quotas[t] += 1 if mass[t] > 0 else 0
-        picked: list[int] = []
-        for t, quota in enumerate(quotas):
-            while quota > 0:
-                take = torch.randperm(self.task_sizes[t], generator=g)[:quota]
-                picked.extend((take + self.offsets[t]).tolist())
-                quota -= len(take)
-        return [picked[i] for i in torch.randperm(len(picked), generator=g).tolist()]
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.global_order()
-        per_rank = math.ceil(len(order) / self.num_replicas)
-        order += order[: per_rank * self.num_replicas - len(order)]
-        return iter(order[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        return math.ceil(self.epoch_samples / self.num_replicas)
 
 
 class MultiTaskDataModule(L.LightningDataModule):

@@ -5,13 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memmcl.experts.backbone import (
-    BackboneError,
-    TinyBackboneConfig,
-    build_tiny_backbone,
-    load_backbone,
-    load_tokenizer,
-)
+from memmcl.experts.backbone import TinyBackboneConfig, build_tiny_backbone, load_backbone, load_tokenizer
+from memmcl.experts.backbone_cache import BackboneError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["the food was good", "the service was bad", "Answer: positive negative neutral"] * 20

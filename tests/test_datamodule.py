@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from memmcl.datamodule import IGNORE_INDEX, MultiTaskDataModule, TaskDataModule, TaskMixtureSampler
+from memmcl.datamodule import MultiTaskDataModule, TaskDataModule
+from memmcl.encoding import IGNORE_INDEX
+from memmcl.samplers import TaskMixtureSampler
 from memmcl.tasks.extraction import render
 from memmcl.tasks.prompts import Demonstration, build_prompt
 from memmcl.tasks.readers import read_task, stratified_sample

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from memmcl.datamodule import TaskDataModule
-from memmcl.experts.expert import ExpertError, LoRAExpert, load_expert
+from memmcl.experts.expert import LoRAExpert, load_expert
+from memmcl.experts.expert_io import ExpertError
 from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length, shares_prefix
 from memmcl.tasks.spec import load_task_spec
 

@@ -192,7 +192,7 @@ def test_a_tangent_model_refuses_extraction_tasks_when_it_meets_them(tiny_dir):
     import lightning as L
 
     from memmcl.datamodule import MultiTaskDataModule
-    from memmcl.experts.expert import ExpertError
+    from memmcl.experts.expert_io import ExpertError
     from memmcl.experts.tangent import TangentExpert
 
     model = TangentExpert(backbone=str(tiny_dir), lora_r=2, lora_alpha=4, target_modules=["q_proj"])

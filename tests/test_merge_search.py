@@ -10,7 +10,7 @@ import yaml
 
 from memmcl.experts.expert import LoRAExpert
 from memmcl.merging import evolution
-from memmcl.merging.multilora import MergeError
+from memmcl.merging.factors import MergeError
 from memmcl.merging.search import GENOME_FILE, MergeSearch
 from memmcl.merging.stage import scalar_fitness, stage_units
 from memmcl.merging.weak import WeakDataError, content_hash, select_weak

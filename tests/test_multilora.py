@@ -6,8 +6,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from memmcl.experts.backbone import load_backbone
+from memmcl.merging.factors import MergeError, read_lora_factors
 from memmcl.merging.methods import dare_drop, dare_linear, dare_ties, magnitude_trim, ties
-from memmcl.merging.multilora import MergeError, MultiLoRAModel, read_lora_factors
+from memmcl.merging.multilora import MultiLoRAModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

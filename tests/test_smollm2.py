@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memmcl.datamodule import encode_examples
+from memmcl.encoding import encode_examples
 from memmcl.experts import gguf_backbones
-from memmcl.experts.backbone import BackboneError, load_backbone, resolve_backbone
+from memmcl.experts.backbone import load_backbone, resolve_backbone
+from memmcl.experts.backbone_cache import BackboneError
 from memmcl.experts.scoring import score_labels
 from memmcl.tasks.spec import Example, load_task_spec
 

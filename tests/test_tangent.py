@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from memmcl.datamodule import MultiTaskDataModule
-from memmcl.experts.expert import ExpertError, LoRAExpert
+from memmcl.experts.expert import LoRAExpert
+from memmcl.experts.expert_io import ExpertError
 from memmcl.experts.scoring import continuation_rows, score_labels
 from memmcl.experts.tangent import TangentExpert, clear_jacobians
-from memmcl.merging.multilora import MergeError
+from memmcl.merging.factors import MergeError
 from memmcl.merging.search import MergeSearch
 from memmcl.pipeline import ExpertConfig, MergeConfig, Pipeline, PipelineError
 from memmcl.tasks.spec import load_task_spec

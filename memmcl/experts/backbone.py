@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,19 +19,11 @@ from typing import Literal
 
 import torch
 
+from memmcl.experts.backbone_cache import BackboneError, cache_root
 from memmcl.rundir import atomic_save_dir
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BackboneError(ValueError):
-    """A backbone name or directory that cannot be loaded; the message names the path and what was expected."""
-
-
-def cache_root() -> Path:
-    """Returns the directory where built backbones are cached (`$MEMMCL_CACHE`, else ~/.cache/memmcl)."""
-    return Path(os.environ.get("MEMMCL_CACHE", Path.home() / ".cache" / "memmcl"))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from memmcl.experts.backbone import BackboneError, cache_root
+from memmcl.experts.backbone_cache import BackboneError, cache_root
 from memmcl.rundir import atomic_save_dir
 
 

@@ -221,8 +221,8 @@ def score_labels(model, prompts: list[list[int]], answers: list[list[list[int]]]
     scores = torch.full((len(prompts), n_labels), float("-inf"))
     for start in range(0, len(prompts), chunk_size):
         stop = min(start + chunk_size, len(prompts))
-        scores[start:stop] = _score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device,
-                                          share_prefix, share_prefix if reuse_prefix is None else reuse_prefix)
+        scores[start:stop] = score_chunk(model, prompts[start:stop], answers[start:stop], pad_id, n_labels, device,
+                                         share_prefix, share_prefix if reuse_prefix is None else reuse_prefix)
     return scores
 
 
@@ -240,8 +240,10 @@ def continuation_rows(answers: list[list[list[int]]]) -> dict[tuple[int, tuple[i
     return rows
 
 
-def _score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool,
-                 reuse_prefix: bool | None = None) -> torch.Tensor:
+def score_chunk(model, prompts, answers, pad_id: int, n_labels: int, device, share_prefix: bool,
+                reuse_prefix: bool | None = None) -> torch.Tensor:
+    """Returns [B, n_labels] answer log-likelihoods of one chunk of prompts (-inf past an example's labels): the step
+    `score_labels` runs per chunk, which `experts.tangent` also calls on whole sequences for per-example gradients."""
     rows = continuation_rows(answers)
     continuations = [(i, list(c)) for i, c in rows]
     last, later_logits = _run(model, prompts, pad_id, device, keep=1, continuations=continuations,

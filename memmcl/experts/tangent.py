@@ -30,8 +30,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from memmcl.experts.backbone import Dtype, load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, EXPERT_FILE, LabelScoringModule, write_lora_adapter
-from memmcl.experts.scoring import _score_chunk, continuation_rows
+from memmcl.experts.expert import DEFAULT_TARGETS
+from memmcl.experts.expert_io import EXPERT_FILE, write_lora_adapter
+from memmcl.experts.label_scoring import LabelScoringModule
+from memmcl.experts.scoring import continuation_rows, score_chunk
 from memmcl.rundir import atomic_save_dir
 
 # (space, prompt, answers) -> (label scores at B = 0 [L], their Jacobian [L, P]); shared by the experts of a process,
@@ -52,7 +54,7 @@ def per_example_label_gradients(model: nn.Module, prompts: list[list[int]], answ
     gradient is example i's own. Call with gradients on, outside inference mode."""
     n_labels = [len(a) for a in answers]
     L = max(n_labels)
-    scores = _score_chunk(model, prompts, answers, pad_id, L, device, share_prefix=False)
+    scores = score_chunk(model, prompts, answers, pad_id, L, device, share_prefix=False)
     grads = []
     for label in range(L):
         present = torch.tensor([label < n for n in n_labels])

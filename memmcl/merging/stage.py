@@ -20,10 +20,9 @@ import lightning as L
 import torch
 import yaml
 
-from memmcl.experts.expert import write_atomic
 from memmcl.merging import evolution
-from memmcl.merging.multilora import MergeError, coefficients_to_yaml
-from memmcl.rundir import inside
+from memmcl.merging.factors import MergeError, coefficients_to_yaml
+from memmcl.rundir import inside, write_atomic
 
 if TYPE_CHECKING:
     from memmcl.merging.scorer import MergeScorer

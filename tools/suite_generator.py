@@ -1,7 +1,8 @@
 """Generates the embedded offline task suite from hand-written lexicons and templates, deterministically.
 
-Run `python -m memmcl.tasks.suite_generator` to rewrite `memmcl/tasks/embedded/` and `configs/tasks/`; a test checks
-that the committed files are exactly what this script writes. Templates use negation ("not good"), intensifiers,
+Run `python tools/suite_generator.py` (from any directory) to rewrite `memmcl/tasks/embedded/` and `configs/tasks/`;
+a test checks that the committed files are exactly what this script writes (the extraction tasks come from
+`tools/extraction_suite.py`). Templates use negation ("not good"), intensifiers,
 contrast ("good food but rude staff": the clause after "but" decides), several aspects per sentence, distractor
 sentences, and event/valence composition (irony), so tasks differ in difficulty and a model must read the sentence.
 """
@@ -330,6 +331,6 @@ def write_suite(data_dir: Path, spec_dir: Path, seed: int = 1234) -> None:
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[2]
-    write_suite(Path(__file__).resolve().parent / "embedded", root / "configs" / "tasks")
+    root = Path(__file__).resolve().parents[1]
+    write_suite(root / "memmcl" / "tasks" / "embedded", root / "configs" / "tasks")
     print(f"wrote {len(SUITE)} tasks")
