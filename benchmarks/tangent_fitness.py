@@ -68,14 +68,14 @@ def main(rounds: int = 10) -> None:
     def tangent_pass(genome):
         search.set_coefficients(genome)
         for b in batches:
-            search.tangent_scorer.scores(b["prompt"], b["answers"])
+            search.kind_scorer.scores(b["prompt"], b["answers"])
 
     def cached_pass(genome):
         with search.cached_shifts():
             tangent_pass(genome)
 
     def fill_reverse(_):
-        search.tangent_scorer.shifts.clear()
+        search.kind_scorer.shifts.clear()
         cached_pass(genomes[0])
 
     def fill_forward(_):  # a forward-mode pass along each expert's delta, the fill before reverse mode

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from memmcl.curriculum.difficulty import DifficultyError, difficulty_scores, read_difficulty_order, task_features
-from memmcl.curriculum.pacing import Pacing, active_count, competence
+from memmcl.curriculum.pacing import START_COMPETENCE, Pacing, active_count, competence
 
 
 class CurriculumSampler(Callback):
@@ -31,7 +31,7 @@ class CurriculumSampler(Callback):
         difficulty_file: str | None = None,
         difficulty_weights: dict[str, float] | None = None,
         epochs_per_step: int = 1,
-        start_competence: float = 0.2,
+        start_competence: float = START_COMPETENCE,
         full_epoch: int | None = None,
         closed_weight: float = 0.0,
     ):

@@ -57,7 +57,7 @@ def expert_phase(p: RunContext, spec: TaskSpec) -> dict:
         clear(p.run_dir, "experts", spec.name)
     started, e = time.time(), p.expert
     model = p.expert_model(out / "expert")
-    if e.tangent and e.off_task_weight > 0:
+    if p.kind.off_task and e.off_task_weight > 0:
         model.set_off_task({t: items for t, items in off_task_pool(p).items() if t != spec.name})
     dm = p.datamodule([spec], batch_size=e.batch_size, train_demonstrations=e.demonstrations,
                          train_demo_share=e.demo_share, demo_max_length=p.demos.max_length,

@@ -36,6 +36,7 @@ from memmcl.evaluation import eval_phase
 from memmcl.expert_phase import EXPERT_OUTPUTS, expert_done, expert_key, expert_phase  # noqa: F401
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import write_atomic
+from memmcl.experts.kinds import expert_kind
 from memmcl.experts.tangent import clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, genome_problem
@@ -60,6 +61,7 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     PipelineError,
     TrainerConfig,
     check_pipeline_settings,
+    resolve_expert,
 )
 from memmcl.tasks.spec import embedded_task_names, load_task_specs
 from memmcl.workers import run_in_workers
@@ -106,9 +108,11 @@ class Pipeline(RunContext):
         data_dir: str | None = None,
         multitask: MultitaskConfig | None = None,
     ):
-        expert, trainer = expert or ExpertConfig(), trainer or TrainerConfig()
+        expert, trainer = resolve_expert(expert or ExpertConfig()), trainer or TrainerConfig()
+        kind = expert_kind(expert.kind)
         try:
-            precision = resolve_precision(trainer.precision, trainer.accelerator, dtype, tangent=expert.tangent)
+            precision = resolve_precision(trainer.precision, trainer.accelerator, dtype,
+                                          float32_only=kind.name if kind.float32_only else None)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if tasks is not None and not tasks:
@@ -125,9 +129,9 @@ class Pipeline(RunContext):
         check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
                                 self.demos, self.difficulty_weights, [s.name for s in self.specs], self.multitask)
         extraction = [s.name for s in self.specs if s.extraction]
-        if self.expert.tangent and extraction:
-            raise PipelineError(f"expert.tangent: tangent experts score labels; extraction task(s) {extraction} are "
-                                "generated; expected expert.tangent: false or classification tasks only")
+        if not expert_kind(self.expert.kind).generates and extraction:
+            raise PipelineError(f"expert.kind: {self.expert.kind} experts score labels; extraction task(s) {extraction} "
+                                "are generated; expected another expert kind or classification tasks only")
         try:  # the accelerator, devices and strategy are checked by building a Trainer (nothing is launched)
             self.trainer(None, quiet=True)
         except (MisconfigurationException, ValueError, RuntimeError) as err:

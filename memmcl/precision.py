@@ -49,14 +49,15 @@ class Precision:
 
 
 def resolve_precision(requested: str | None, accelerator: str = "cpu", dtype: str | None = None,
-                      tangent: bool = False, flags: list[str] | None = None) -> Precision:
+                      float32_only: str | None = None, flags: list[str] | None = None) -> Precision:
     """Returns the run's precision for `trainer.precision` (None: auto), the accelerator and an explicit backbone
     `dtype` (None: follows the precision). Auto is bf16-mixed on a CPU accelerator whose CPU has native bf16
-    (`flags`, default read from the CPU), float32 otherwise and for tangent experts, which refuse anything else."""
+    (`flags`, default read from the CPU), float32 otherwise and for experts of a kind that refuses anything else
+    (`float32_only`: that kind's name, e.g. tangent)."""
     if requested is None:
         flags = cpu_bf16_flags() if flags is None else flags
-        if tangent:
-            trainer, reason = None, "auto: tangent experts run in float32"
+        if float32_only:
+            trainer, reason = None, f"auto: {float32_only} experts run in float32"
         elif accelerator != "cpu":
             trainer, reason = None, f"auto: float32 on accelerator {accelerator!r} (set trainer.precision for bf16)"
         elif flags:
@@ -71,9 +72,9 @@ def resolve_precision(requested: str | None, accelerator: str = "cpu", dtype: st
         reason = "trainer.precision"
     resolved = Precision(trainer, dtype, f"{reason}; backbone dtype {dtype} as set") if dtype is not None else \
         Precision(trainer, _DTYPE_OF.get(trainer or "", "float32"), reason)
-    if tangent and not resolved.is_float32:
-        raise ValueError(f"trainer.precision: expected null or 32-true with expert.tangent: true (tangent experts run "
-                         f"in float32), got {requested!r} (backbone dtype {resolved.dtype})")
+    if float32_only and not resolved.is_float32:
+        raise ValueError(f"trainer.precision: expected null or 32-true with expert.kind: {float32_only} ({float32_only} "
+                         f"experts run in float32), got {requested!r} (backbone dtype {resolved.dtype})")
     return resolved
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from memmcl.experts.kinds import kind_of
 from memmcl.precision import describe
 from memmcl.roster import columns, label
 from memmcl.rundir import inside, write_atomic
@@ -204,11 +205,8 @@ def _write_report(run_dir: Path) -> Path:
     groups = results["groups"]
     lines = [f"# MEM-MCL report: `{run_dir}`", "",
              f"Backbone `{genome.get('backbone')}`, {len(groups)} tasks, merge method `{genome.get('method')}`."]
-    if genome.get("tangent"):
-        lines.append("Tangent experts (`expert.tangent`): each expert, merge and multi-task adapter of this table is "
-                     "scored in the tangent model, the backbone's first-order expansion in the adapter; the multi-task "
-                     "rows are one tangent adapter trained on every task. peft loading an exported adapter builds a "
-                     "different model (the delta inside the network).")
+    if note := kind_of(genome, "best_genome.yaml").note:
+        lines.append(note)
     if phases:
         lines.append(f"Wall time of the latest run: {phases.get('wall_seconds')} s.")
     if precision := results.get("precision") or phases.get("precision"):

@@ -18,8 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.datamodule import MultiTaskDataModule
-from memmcl.experts.expert import LoRAExpert
-from memmcl.experts.tangent import TangentExpert
+from memmcl.experts.kinds import DEFAULT_KIND, KINDS, ExpertKind, expert_kind
 from memmcl.merging.search import MergeSearch
 from memmcl.precision import Precision
 from memmcl.rundir import clear, file_problem, inside, write_json
@@ -75,19 +74,16 @@ class RunContext:
             clear(self.run_dir, *parts)
         return False
 
-    def expert_model(self, export_dir: Path) -> LoRAExpert | TangentExpert:
-        """A fresh LoRA adapter with the expert settings, seeded so that a run depends on its settings only."""
-        e = self.expert
+    @property
+    def kind(self) -> ExpertKind:
+        """The run's expert kind (`expert.kind`)."""
+        return expert_kind(self.expert.kind)
+
+    def expert_model(self, export_dir: Path) -> L.LightningModule:
+        """A fresh expert of the run's kind with the expert settings, seeded so that a run depends on its settings
+        only."""
         L.seed_everything(self.seed, verbose=False)
-        if e.tangent:
-            return TangentExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                                 target_modules=e.target_modules, a0_seed=self.seed, lr=e.lr,
-                                 weight_decay=e.weight_decay, off_task_weight=e.off_task_weight,
-                                 export_dir=str(export_dir))
-        return LoRAExpert(backbone=self.backbone, dtype=self.dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
-                          lora_dropout=e.lora_dropout, target_modules=e.target_modules, lr=e.lr,
-                          weight_decay=e.weight_decay, warmup_steps=e.warmup_steps, lr_schedule=e.lr_schedule,
-                          gradient_checkpointing=e.gradient_checkpointing, export_dir=str(export_dir))
+        return self.kind.module.from_settings(self.expert, self.backbone, self.dtype, self.seed, str(export_dir))
 
     def finish(self, phase: str, phase_dir: Path, key: str, started: float, **info) -> None:
         record = {"phase": phase, "key": key, "seconds": round(time.time() - started, 2), **info}
@@ -119,9 +115,12 @@ class RunContext:
         """The expert settings that decide what is trained (not `workers`); options at their default that were added
         later are left out, so run directories of earlier versions keep their keys."""
         settings = {k: v for k, v in asdict(self.expert).items() if k != "workers"}
-        if not settings["tangent"]:
-            for name in ("tangent", "off_task_weight", "off_task_prompts"):
-                del settings[name]
+        for kind in KINDS.values():  # the settings only other kinds read
+            if kind.name != self.kind.name:
+                for name in kind.settings:
+                    settings.pop(name, None)
+        if self.kind.name == DEFAULT_KIND:  # LoRA experts keep the keys of versions before kinds
+            del settings["kind"]
         if not settings["demonstrations"]:
             del settings["demonstrations"], settings["demo_share"]
         elif self.demos.select != "balanced":  # training demonstrations are selected as evaluation's are

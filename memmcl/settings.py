@@ -9,9 +9,8 @@ from typing import Literal
 
 from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect
 from memmcl.curriculum.difficulty import check_weights
-from memmcl.curriculum.pacing import Pacing
-from memmcl.experts.expert import LoRAExpert
-from memmcl.experts.tangent import TangentExpert
+from memmcl.curriculum.pacing import START_COMPETENCE, Pacing
+from memmcl.experts.kinds import DEFAULT_KIND, KindError, expert_kind
 from memmcl.merging.evolution import Algorithm
 from memmcl.merging.methods import MergeMethod
 from memmcl.merging.search import MergeSearch
@@ -50,28 +49,43 @@ class ExpertConfig:
     training prompts carry 1..k demonstrations of the same task's training split, never the example itself, in
     curriculum order (`MultiTaskDataModule.train_demonstrations`); the rest stay zero-shot."""
 
-    # The LoRA and optimizer fields take LoRAExpert's own defaults (one source of truth).
-    lora_r: int = _default(LoRAExpert, "lora_r")
-    lora_alpha: int = _default(LoRAExpert, "lora_alpha")
-    lora_dropout: float = _default(LoRAExpert, "lora_dropout")
-    target_modules: list[str] | None = _default(LoRAExpert, "target_modules")
-    lr: float = _default(LoRAExpert, "lr")
-    weight_decay: float = _default(LoRAExpert, "weight_decay")
-    warmup_steps: int = _default(LoRAExpert, "warmup_steps")
-    lr_schedule: Literal["cosine", "constant"] = _default(LoRAExpert, "lr_schedule")
+    # The kind of expert (`memmcl.experts.kinds`: lora, tangent); the LoRA and optimizer fields left null take the
+    # kind's own defaults (its module's arguments: one source of truth), `resolve_expert` fills them in.
+    kind: str = DEFAULT_KIND
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    target_modules: list[str] | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: Literal["cosine", "constant"] | None = None
     max_epochs: int = 40
     batch_size: int = 16
     stop_at_accuracy: float | None = 0.97
     check_val_every_n_epoch: int = 1  # validate (and check stop_at_accuracy) every n epochs
     max_train_examples: int | None = None
-    gradient_checkpointing: bool = _default(LoRAExpert, "gradient_checkpointing")
+    gradient_checkpointing: bool | None = None
     demonstrations: int = 0  # demonstration-aware training: a `demo_share` of prompts carry 1..k demonstrations
     demo_share: float = 0.5
     workers: int = 1  # on one CPU device: train this many experts at once, in processes sharing the cores
-    # tangent-space experts (`memmcl.experts.tangent`): linear in their adapter, kept off other tasks' prompts
-    tangent: bool = False
-    off_task_weight: float = _default(TangentExpert, "off_task_weight")
+    # kinds that train against other tasks' prompts (tangent): the penalty's weight and the pool's size per task
+    off_task_weight: float | None = None
     off_task_prompts: int = 32  # the off-task pool: this many training prompts of each other task (seeded draw)
+
+
+KIND_DEFAULTED = ("lora_r", "lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_steps", "lr_schedule",
+                  "gradient_checkpointing", "off_task_weight")
+
+
+def resolve_expert(e: ExpertConfig) -> ExpertConfig:
+    """Returns the expert settings with every field left null filled from the kind's own defaults (an unknown kind
+    is an error naming `expert.kind`)."""
+    try:
+        kind = expert_kind(e.kind)
+    except KindError as err:
+        raise PipelineError(str(err)) from None
+    return dataclasses.replace(e, **{f: kind.default(f) for f in KIND_DEFAULTED if getattr(e, f) is None})
 
 
 @dataclass
@@ -109,7 +123,7 @@ class MultitaskConfig:
     max_epochs: int = 4
     samples_per_epoch: int | None = None
     batch_size: int | None = None
-    start_competence: float = 0.25
+    start_competence: float = START_COMPETENCE
 
 
 @dataclass
@@ -152,7 +166,8 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
                          ("merge.max_weak_examples", m.max_weak_examples)]:
         _require(value is None or value >= 1, field, value, "null or an integer >= 1")
     _require(e.lr > 0, "expert.lr", e.lr, "a learning rate > 0")
-    _require(0 <= e.lora_dropout < 1, "expert.lora_dropout", e.lora_dropout, "a probability in [0, 1)")
+    _require(e.lora_dropout is None or 0 <= e.lora_dropout < 1, "expert.lora_dropout", e.lora_dropout,
+             "a probability in [0, 1)")
     _require(e.stop_at_accuracy is None or 0 < e.stop_at_accuracy <= 1, "expert.stop_at_accuracy", e.stop_at_accuracy,
              "null or an accuracy in (0, 1]")
     _require(m.population >= 2, "merge.population", m.population, "an integer >= 2")
@@ -163,13 +178,16 @@ def check_pipeline_settings(max_length: int, eval_batch_size: int, max_eval_exam
     _require(m.min_weak_examples >= 0, "merge.min_weak_examples", m.min_weak_examples, "an integer >= 0")
     _require(all(x > 0 for x in m.task_arithmetic_scales or ()), "merge.task_arithmetic_scales",
              m.task_arithmetic_scales, "null or scales > 0")
-    _require(e.off_task_weight >= 0, "expert.off_task_weight", e.off_task_weight, "a weight >= 0")
+    kind = expert_kind(e.kind)
+    _require(e.off_task_weight is None or e.off_task_weight >= 0, "expert.off_task_weight", e.off_task_weight,
+             "a weight >= 0")
     _require(e.check_val_every_n_epoch >= 1, "expert.check_val_every_n_epoch", e.check_val_every_n_epoch,
              "an integer >= 1")
     _require(e.off_task_prompts >= 1, "expert.off_task_prompts", e.off_task_prompts, "an integer >= 1")
-    _require(not e.tangent or m.method == "linear", "merge.method", m.method, "linear with expert.tangent: true")
-    _require(not e.tangent or e.demonstrations == 0, "expert.demonstrations", e.demonstrations,
-             "0 with expert.tangent: true")
+    _require(kind.merge_methods is None or m.method in kind.merge_methods, "merge.method", m.method,
+             f"one of {list(kind.merge_methods or ())} with expert.kind: {kind.name}")
+    _require(kind.demonstrations or e.demonstrations == 0, "expert.demonstrations", e.demonstrations,
+             f"0 with expert.kind: {kind.name}")
     _require(m.worst_weight >= 0, "merge.worst_weight", m.worst_weight, "a weight >= 0")
     _require(m.weak_anchor_ratio >= 0, "merge.weak_anchor_ratio", m.weak_anchor_ratio, "a ratio >= 0")
     if m.task_weights is not None:

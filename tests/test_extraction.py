@@ -185,7 +185,7 @@ def test_tangent_experts_refuse_extraction_tasks(tmp_path, tiny_dir):
 
     with pytest.raises(ValueError, match="tangent experts score labels; extraction task"):
         Pipeline(name="t", root=str(tmp_path), backbone=str(tiny_dir), tasks=["sc_binary", "uabsa_synthetic"],
-                 expert=ExpertConfig(tangent=True))
+                 expert=ExpertConfig(kind="tangent"))
 
 
 def test_a_tangent_model_refuses_extraction_tasks_when_it_meets_them(tiny_dir):

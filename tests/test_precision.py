@@ -33,7 +33,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     ("32", "cpu", ["amx_bf16"], False, "32-true", "float32"),
 ])
 def test_resolution(requested, accelerator, flags, tangent, trainer, dtype):
-    p = resolve_precision(requested, accelerator, tangent=tangent, flags=flags)
+    p = resolve_precision(requested, accelerator, float32_only="tangent" if tangent else None, flags=flags)
     assert (p.trainer, p.dtype) == (trainer, dtype)
     assert p.is_float32 == (dtype == "float32" and trainer in (None, "32-true"))
 
@@ -58,9 +58,9 @@ def test_auto_follows_the_cpu(tmp_path, tiny_dir, monkeypatch):
     p = _pipeline(tmp_path, tiny_dir)
     assert (p.precision.trainer, p.dtype) == ("bf16-mixed", "bfloat16")
     assert p.numerics != _pipeline(tmp_path, tiny_dir, precision="32-true").numerics  # separate phase keys
-    with pytest.raises(PipelineError, match="^trainer.precision: expected null or 32-true with expert.tangent"):
+    with pytest.raises(PipelineError, match="^trainer.precision: expected null or 32-true with expert.kind: tangent"):
         Pipeline(name="p", root=str(tmp_path), backbone=str(tiny_dir), tasks=["sc_binary"],
-                 expert=ExpertConfig(tangent=True), trainer=TrainerConfig(precision="bf16-mixed"))
+                 expert=ExpertConfig(kind="tangent"), trainer=TrainerConfig(precision="bf16-mixed"))
     with pytest.raises(PipelineError, match="^trainer.precision: expected null"):
         _pipeline(tmp_path, tiny_dir, precision="half")
 

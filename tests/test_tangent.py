@@ -112,13 +112,13 @@ def tangent_experts(tiny_dir, tmp_path_factory):
 
 
 def test_saved_tangent_expert_is_marked_and_not_loaded_as_a_lora_network(tangent_experts):
-    with pytest.raises(ExpertError, match="tangent expert"):
+    with pytest.raises(ExpertError, match="an expert of kind .tangent."):
         LoRAExpert(adapter=tangent_experts[0], backbone="tiny")
 
 
 def test_merge_search_scores_the_tangent_model(tiny_dir, tangent_experts, tmp_path):
     search = MergeSearch(experts=tangent_experts, out_dir=str(tmp_path), evaluate_test=False)
-    assert search.tangent
+    assert search.kind.name == "tangent"
     prompts, answers = items(tiny_dir, "sc_5class", split="test", n=6)
     # the expert's own scorer (reverse-mode Jacobians) and the search's (forward-mode AD) agree
     e = expert(tiny_dir)
@@ -127,33 +127,33 @@ def test_merge_search_scores_the_tangent_model(tiny_dir, tangent_experts, tmp_pa
         e.b.normal_(std=0.3)  # expert 1 of the fixture
     onehot = torch.tensor([[0.0, 1.0, 0.0]])
     search.set_coefficients(onehot)
-    direct = search.tangent_scorer.scores(prompts, answers)
+    direct = search.kind_scorer.scores(prompts, answers)
     batch = {"prompt": prompts, "answers": answers}
     assert torch.allclose(direct, e.predict_scores(batch), atol=1e-3)
     # linear in the genome, and the cached per-expert shifts give the same scores as a pass along the merge
     genome = torch.tensor([[0.7, -0.4, 1.3]])
     search.set_coefficients(genome)
-    along = search.tangent_scorer.scores(prompts, answers)
+    along = search.kind_scorer.scores(prompts, answers)
     with search.cached_shifts():
-        cached = search.tangent_scorer.scores(prompts, answers)
+        cached = search.kind_scorer.scores(prompts, answers)
     assert torch.allclose(along, cached, atol=1e-3)
     search.set_coefficients(torch.zeros(1, 3))
-    base = search.tangent_scorer.scores(prompts, answers)
+    base = search.kind_scorer.scores(prompts, answers)
     parts = []
     for t in range(3):
         unit = torch.zeros(1, 3)
         unit[0, t] = genome[0, t]
         search.set_coefficients(unit)
-        parts.append(search.tangent_scorer.scores(prompts, answers) - base)
+        parts.append(search.kind_scorer.scores(prompts, answers) - base)
     assert torch.allclose(base + sum(parts), along, atol=1e-3)
     assert not torch.allclose(along, base, atol=1e-2)
     # kept shifts (reverse mode, per block and expert) equal forward-mode passes for per-block genomes too
     blocks = MergeSearch(experts=tangent_experts, out_dir=str(tmp_path / "blocks"), evaluate_test=False, blocks=2)
     genome = torch.tensor([[0.7, -0.4, 1.3], [0.2, 0.9, -0.6]])
     blocks.set_coefficients(genome)
-    along = blocks.tangent_scorer.scores(prompts, answers)
+    along = blocks.kind_scorer.scores(prompts, answers)
     with blocks.cached_shifts():
-        assert torch.allclose(along, blocks.tangent_scorer.scores(prompts, answers), atol=1e-3)
+        assert torch.allclose(along, blocks.kind_scorer.scores(prompts, answers), atol=1e-3)
 
 
 def test_tangent_and_lora_experts_do_not_mix(tiny_dir, tangent_experts, tmp_path):
@@ -168,7 +168,7 @@ def test_tangent_and_lora_experts_do_not_mix(tiny_dir, tangent_experts, tmp_path
 
 def test_pipeline_rejects_a_folding_method_with_tangent_experts(tmp_path):
     with pytest.raises(PipelineError, match="merge.method"):
-        Pipeline(root=str(tmp_path), tasks=TASKS, expert=ExpertConfig(tangent=True), merge=MergeConfig(method="ties"))
+        Pipeline(root=str(tmp_path), tasks=TASKS, expert=ExpertConfig(kind="tangent"), merge=MergeConfig(method="ties"))
 
 
 def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
@@ -176,7 +176,7 @@ def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
 
     run = Pipeline(name="tangent", root=str(tmp_path), backbone=str(tiny_dir), tasks=TASKS, max_length=64,
                    max_eval_examples=12,
-                   expert=ExpertConfig(tangent=True, lora_r=2, lora_alpha=4, target_modules=TARGETS, lr=0.05,
+                   expert=ExpertConfig(kind="tangent", lora_r=2, lora_alpha=4, target_modules=TARGETS, lr=0.05,
                                        max_epochs=3, check_val_every_n_epoch=2, batch_size=64, max_train_examples=24,
                                        off_task_prompts=4),
                    multitask=MultitaskConfig(pacings=["none"], max_epochs=1, batch_size=8),
@@ -188,9 +188,9 @@ def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
     import yaml
 
     for task in TASKS:
-        assert yaml.safe_load((root / "experts" / task / "expert" / "expert.yaml").read_text())["tangent"]
-    assert yaml.safe_load((root / "merge" / "merged" / "expert.yaml").read_text())["tangent"]
-    assert yaml.safe_load((root / "merge" / "best_genome.yaml").read_text())["tangent"]
+        assert yaml.safe_load((root / "experts" / task / "expert" / "expert.yaml").read_text())["kind"] == "tangent"
+    assert yaml.safe_load((root / "merge" / "merged" / "expert.yaml").read_text())["kind"] == "tangent"
+    assert yaml.safe_load((root / "merge" / "best_genome.yaml").read_text())["kind"] == "tangent"
     models = results["models"]
     assert set(models["evolved_global+icl"]) == set(TASKS)
     # the experts moved the scores: the uniform merge and the experts do not all equal the base model
@@ -202,3 +202,15 @@ def test_pipeline_with_tangent_experts_runs_end_to_end(tmp_path, tiny_dir):
     for task in TASKS:
         metrics = json.loads((root / "experts" / task / "metrics.json").read_text())
         assert metrics["epochs"] == 3 and 0 <= metrics["acc"] <= 1
+
+
+def test_expert_settings_take_the_kinds_own_defaults():
+    from memmcl.experts.kinds import KINDS
+    from memmcl.settings import resolve_expert
+
+    tangent, lora = resolve_expert(ExpertConfig(kind="tangent")), resolve_expert(ExpertConfig())
+    assert (tangent.lr, tangent.lora_r, tangent.off_task_weight) == (0.05, 16, 1.0)
+    assert (lora.lr, lora.lora_r, lora.lora_dropout) == tuple(KINDS["lora"].default(f) for f in ("lr", "lora_r", "lora_dropout"))
+    assert resolve_expert(ExpertConfig(kind="tangent", lr=0.1)).lr == 0.1  # a set value wins
+    with pytest.raises(PipelineError, match=r"^expert.kind: 'nope' is not an expert kind; expected one of \['lora', 'tangent'\]"):
+        resolve_expert(ExpertConfig(kind="nope"))

@@ -7,6 +7,7 @@ from typing import Literal
 
 Pacing = Literal["baby_steps", "linear", "root", "none"]
 PACINGS: tuple[str, ...] = ("baby_steps", "linear", "root", "none")
+START_COMPETENCE = 0.25  # the share of tasks open at the first epoch (linear / root), one default everywhere
 
 
 def competence(pacing: Pacing, epoch: int, full_epoch: int, start: float) -> float:
@@ -25,7 +26,7 @@ def competence(pacing: Pacing, epoch: int, full_epoch: int, start: float) -> flo
 
 
 def active_count(pacing: Pacing, epoch: int, n_tasks: int, epochs_per_step: int = 1, full_epoch: int = 1,
-                 start: float = 0.2) -> int:
+                 start: float = START_COMPETENCE) -> int:
     """Returns how many of the easiest tasks train at `epoch`: baby steps add the next task every
     `epochs_per_step` epochs; linear / root open ceil(competence · n) tasks; none opens all."""
     if pacing not in PACINGS:

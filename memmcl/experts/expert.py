@@ -65,9 +65,9 @@ class LoRAExpert(LabelScoringModule):
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter is not None:
-            if check_expert_dir(adapter).get("tangent"):
-                raise ExpertError(f"{adapter}: a tangent expert (expert.yaml: tangent); its model is the tangent model "
-                                  "that MergeSearch scores, not this LoRA network")
+            if (meta := check_expert_dir(adapter)).get("kind") or meta.get("tangent"):
+                raise ExpertError(f"{adapter}: an expert of kind {meta.get('kind', 'tangent')!r} (expert.yaml: kind); "
+                                  "its model is not this LoRA network")
             self.model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         else:
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
@@ -80,6 +80,13 @@ class LoRAExpert(LabelScoringModule):
         loss = answer_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    @classmethod
+    def from_settings(cls, e, backbone: str, dtype: str, seed: int, export_dir: str) -> LoRAExpert:
+        """A fresh expert from the pipeline's `expert` settings (`memmcl.settings.ExpertConfig`, resolved)."""
+        return cls(backbone=backbone, dtype=dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha, lora_dropout=e.lora_dropout,
+                   target_modules=e.target_modules, lr=e.lr, weight_decay=e.weight_decay, warmup_steps=e.warmup_steps,
+                   lr_schedule=e.lr_schedule, gradient_checkpointing=e.gradient_checkpointing, export_dir=export_dir)
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -260,6 +260,14 @@ class TangentExpert(LabelScoringModule):
             loss = loss + self.hparams.off_task_weight * penalty
         return loss
 
+    @classmethod
+    def from_settings(cls, e, backbone: str, dtype: str, seed: int, export_dir: str) -> TangentExpert:
+        """A fresh expert from the pipeline's `expert` settings (`memmcl.settings.ExpertConfig`, resolved); its fixed
+        A factor is drawn from the run's seed."""
+        return cls(backbone=backbone, dtype=dtype, lora_r=e.lora_r, lora_alpha=e.lora_alpha,
+                   target_modules=e.target_modules, a0_seed=seed, lr=e.lr, weight_decay=e.weight_decay,
+                   off_task_weight=e.off_task_weight, export_dir=export_dir)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.b], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
@@ -274,12 +282,12 @@ class TangentExpert(LabelScoringModule):
 
     @rank_zero_only
     def save_expert(self, out_dir: str | os.PathLike) -> Path:
-        """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `tangent`,
+        """Writes the expert as a peft LoRA adapter (lora_A = A0, lora_B = B) plus expert.yaml marked `kind: tangent`,
         atomically; returns `out_dir`."""
         h = self.hparams
         factors = {name: (a, b.detach()) for name, (a, b) in self.space.factors(self.b).items()}
-        meta = {"backbone": h.backbone, "tasks": [s.to_dict() for s in self.specs],
-                "tangent": {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}}
+        meta = {"backbone": h.backbone, "tasks": [s.to_dict() for s in self.specs], "kind": "tangent",
+                "kind_settings": {"lora_r": h.lora_r, "lora_alpha": h.lora_alpha, "a0_seed": h.a0_seed}}
 
         def write(tmp: Path) -> None:
             write_lora_adapter(tmp, factors, self.space.scale, h.backbone)

@@ -11,6 +11,7 @@ search driver is `merging.search.MergeSearch`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -22,14 +23,20 @@ import yaml
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.expert import EXPERT_FILE, LabelScoringModule, check_expert_dir
+from memmcl.experts.kinds import ExpertKind, kind_of
 from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod, method_info
 from memmcl.merging.multilora import MergeError, MultiLoRAModel, coefficients_from_yaml, read_lora_factors
-from memmcl.merging.tangent import TangentScorer
 from memmcl.rundir import atomic_save_dir
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
+
+
+def _class(path: str) -> type:
+    """The class at a dotted path (an expert kind's merge scorer, `memmcl.experts.kinds`)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 class MergeScorer(LabelScoringModule):
@@ -111,10 +118,11 @@ class MergeScorer(LabelScoringModule):
             raise MergeError(f"worst_weight={worst_weight}: expected a weight >= 0")
         self.expert_dirs = [Path(p) for p in experts]
         self.expert_specs: list[TaskSpec] = []
-        backbones, tangent = set(), set()
+        backbones, kinds = set(), {}
         for path in self.expert_dirs:
             meta = check_expert_dir(path)
-            tangent.add(bool(meta.get("tangent")))
+            kind = kind_of(meta, f"{path}/{EXPERT_FILE}")
+            kinds[kind.name] = kind
             tasks = [spec_from_dict(d, source=f"{path}/{EXPERT_FILE}") for d in meta["tasks"]]
             if len(tasks) != 1:
                 raise MergeError(f"{path}: an expert for {len(tasks)} tasks; MergeSearch merges single-task experts")
@@ -128,18 +136,19 @@ class MergeScorer(LabelScoringModule):
             raise MergeError(f"two experts are for the same task: {self.names}")
         self.groups = self._group_members(groups)
         self.task_group = {self.names[t]: g for g, members in self.groups.items() for t in members}
-        if len(tangent) > 1:
-            raise MergeError(f"experts {[str(p) for p in self.expert_dirs]}: tangent and ordinary LoRA experts mixed "
-                             "(expert.yaml: tangent); expected one kind")
-        self.tangent = tangent.pop()
-        if self.tangent and method != "linear":
-            raise MergeError(f"method={method!r}: tangent experts merge linearly only; expected 'linear'")
+        if len(kinds) > 1:
+            raise MergeError(f"experts {[str(p) for p in self.expert_dirs]}: kinds {sorted(kinds)} mixed "
+                             "(expert.yaml: kind); expected one kind")
+        self.kind: ExpertKind = kinds.popitem()[1]
+        if self.kind.merge_methods is not None and method not in self.kind.merge_methods:
+            raise MergeError(f"method={method!r}: {self.kind.name} experts merge by {list(self.kind.merge_methods)} only")
         base, self.tokenizer = load_backbone(self.backbone, dtype)
         self.pad_id = self.tokenizer.pad_token_id
         self.fold_exact = base.dtype == torch.float32
         self.model = MultiLoRAModel(base, [read_lora_factors(p, n) for p, n in zip(self.expert_dirs, self.names, strict=True)], blocks)
-        self.tangent_scorer = TangentScorer(self.model, self.pad_id, max(s.n_classes for s in self.expert_specs)) \
-            if self.tangent else None
+        # a kind whose merges are scored in their own model (tangent: the first-order expansion) names its scorer
+        self.kind_scorer = None if self.kind.merge_scorer is None else _class(self.kind.merge_scorer)(
+            self.model, self.pad_id, max(s.n_classes for s in self.expert_specs))
         self.out_dir = Path(out_dir)
         self.weak_dir = Path(weak_dir) if weak_dir is not None else self.out_dir / "weak"
         self.strict_loading = False
@@ -158,8 +167,8 @@ class MergeScorer(LabelScoringModule):
 
     @property
     def generates(self) -> bool:
-        """Tangent experts are scored in the tangent model, per label: no extraction task (`LabelScoringModule.setup`)."""
-        return self.tangent_scorer is None
+        """Experts of a kind with its own scorer (tangent) score labels: no extraction task (`LabelScoringModule.setup`)."""
+        return self.kind_scorer is None and self.kind.generates
 
     def state_dict(self, *args, **kwargs):  # nothing to checkpoint: experts are files, the search state is its own
         return {}
@@ -168,26 +177,26 @@ class MergeScorer(LabelScoringModule):
 
     def datamodule(self, specs: list[TaskSpec], predict_split: str = "validation") -> MultiTaskDataModule:
         h = self.hparams
-        batch_size = max(h.eval_batch_size, TangentScorer.batch_size) if self.tangent else h.eval_batch_size
+        batch_size = max(h.eval_batch_size, self.kind_scorer.batch_size) if self.kind_scorer else h.eval_batch_size
         return MultiTaskDataModule(specs, backbone=self.backbone, max_length=h.max_length, seed=h.seed,
                                    eval_batch_size=batch_size, predict_split=predict_split,
                                    max_train_examples=h.max_train_examples)
 
     def set_coefficients(self, coef: torch.Tensor) -> None:
         h = self.hparams
-        fold = h.fold and not self.tangent and self.fold_exact
+        fold = h.fold and self.kind_scorer is None and self.fold_exact
         self.model.set_genome(coef, fold=fold, method=h.method, density=h.density, seed=h.seed)
 
     def predict_scores(self, batch: dict) -> torch.Tensor:
-        """The label scorer; for tangent experts, in the tangent model (`TangentScorer`)."""
-        if self.tangent_scorer is None:
+        """The label scorer; for a kind with its own scorer (tangent: `TangentScorer`), that scorer's."""
+        if self.kind_scorer is None:
             return super().predict_scores(batch)
-        return self.tangent_scorer.scores(batch["prompt"], batch["answers"]).to(self.device)
+        return self.kind_scorer.scores(batch["prompt"], batch["answers"]).to(self.device)
 
     def cached_shifts(self) -> contextlib.AbstractContextManager:
         """Within: tangent experts' scores come from per-expert shifts kept per prompt (data scored under many
         genomes: weak data, the test split); a no-op for LoRA experts."""
-        return self.tangent_scorer.cached() if self.tangent_scorer is not None else contextlib.nullcontext()
+        return self.kind_scorer.cached() if self.kind_scorer is not None else contextlib.nullcontext()
 
     def evaluate(self, trainer: L.Trainer, coef: torch.Tensor, datamodule: MultiTaskDataModule, split: str = "val") -> dict:
         """Returns per-task {acc, f1} of the merge `coef` on the datamodule's validation (or test) split; each
@@ -209,9 +218,9 @@ class MergeScorer(LabelScoringModule):
 
     def export(self, out_dir: Path) -> Path:
         """Writes the current merge: a peft adapter loadable as an expert (linear), else a full HF model. A merge of
-        tangent experts is marked `tangent` in its expert.yaml: its model is the tangent model, not the adapter."""
-        meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs],
-                **({"tangent": True} if self.tangent else {})}
+        non-LoRA experts records their kind in its expert.yaml (tangent: its model is the tangent model, not the
+        adapter)."""
+        meta = {"backbone": self.backbone, "tasks": [s.to_dict() for s in self.expert_specs], **self.kind.record()}
 
         def write(tmp: Path) -> None:
             if method_info(self.hparams.method).low_rank_export:

@@ -136,7 +136,7 @@ class MergeSearch(MergeScorer):
             "blocks": self.hparams.blocks,
             "method": self.hparams.method,
             "density": self.hparams.density,
-            **({"tangent": True} if self.tangent else {}),
+            **self.kind.record(),
             "groups": {g: [self.names[t] for t in m] for g, m in self.groups.items()},
             "stages": {s: {k: r[k] for k in ("members", "genome", "fitness", "uniform_fitness", "coefficients")}
                        for s, r in stages.items()},
