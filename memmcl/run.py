@@ -22,7 +22,7 @@ from memmcl.experts.kinds import DEFAULT_KIND, KINDS, ExpertKind, expert_kind
 from memmcl.merging.search import MergeSearch
 from memmcl.precision import Precision
 from memmcl.rundir import clear, file_problem, inside, write_json
-from memmcl.settings import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, TrainerConfig
+from memmcl.settings import DemoConfig, ExpertConfig, MergeConfig, MultitaskConfig, TrainerConfig, trainer_args
 from memmcl.tasks.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class RunContext:
         logger = self.tensorboard(logger_version) if logger_version else False
         return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=self.precision.trainer,
                          logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0, **kwargs)
+                         enable_progress_bar=t.progress_bar and not quiet, num_sanity_val_steps=0,
+                         **trainer_args(t), **kwargs)
 
     # ---- settings as phases read them ---------------------------------------------------------------------------
 
@@ -129,6 +130,8 @@ class RunContext:
             del settings["weight_decay"]
         if settings["check_val_every_n_epoch"] == 1:
             del settings["check_val_every_n_epoch"]
+        if trainer := trainer_args(self.trainer_config):  # e.g. accumulate_grad_batches (none: keys as before)
+            settings["trainer"] = trainer
         return settings
 
     @property

@@ -7,6 +7,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Literal
 
+import lightning as L
+
 from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import START_COMPETENCE, Pacing
@@ -31,15 +33,34 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
         raise PipelineError(f"{field}: expected {expected}, got {value!r}")
 
 
-@dataclass
-class TrainerConfig:
-    """Settings of every Trainer the pipeline builds (`--trainer.strategy ddp --trainer.devices 2` for DDP)."""
+# The Trainer arguments each phase sets itself: logging and checkpoints, how long it trains, when and on how much it
+# validates. Every other argument of `lightning.Trainer` is a `trainer:` setting of the pipeline.
+PIPELINE_OWNED = ("logger", "callbacks", "fast_dev_run", "max_epochs", "min_epochs", "max_steps", "min_steps",
+                  "max_time", "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                  "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+                  "log_every_n_steps", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
+                  "reload_dataloaders_every_n_epochs", "default_root_dir")
+# Ours: a CPU run by default, precision null = auto (memmcl.precision), and the progress bars on or off.
+_OWN_TRAINER_FIELDS = [("accelerator", str, "cpu"), ("devices", int | str, 1), ("strategy", str, "auto"),
+                       ("precision", str | None, None), ("progress_bar", bool, True)]
+TRAINER_ARGS = tuple(name for name in inspect.signature(L.Trainer.__init__).parameters
+                     if name not in ("self", *PIPELINE_OWNED, *(f for f, _, _ in _OWN_TRAINER_FIELDS)))
+TrainerConfig = dataclasses.make_dataclass(
+    "TrainerConfig",
+    [(name, type_, dataclasses.field(default=default)) for name, type_, default in _OWN_TRAINER_FIELDS]
+    + [(name, p.annotation, dataclasses.field(default=p.default))
+       for name, p in inspect.signature(L.Trainer.__init__).parameters.items() if name in TRAINER_ARGS],
+    namespace={"__doc__": "Settings of every Trainer the pipeline builds: `lightning.Trainer`'s own arguments "
+                          "(`--trainer.strategy ddp --trainer.devices 2`, `--trainer.num_nodes 2`, "
+                          "`--trainer.accumulate_grad_batches 4`, `--trainer.gradient_clip_val 1.0`, ...) except "
+                          "`PIPELINE_OWNED`, which each phase sets; `progress_bar` turns the bars on or off."})
+TrainerConfig.__module__ = __name__  # (pickled into worker processes by its module's name)
 
-    accelerator: str = "cpu"
-    devices: int | str = 1
-    strategy: str = "auto"
-    precision: str | None = None
-    progress_bar: bool = True
+
+def trainer_args(t) -> dict:
+    """The `TRAINER_ARGS` of `t` that differ from the Trainer's defaults (they enter the training phases' keys)."""
+    defaults = inspect.signature(L.Trainer.__init__).parameters
+    return {name: getattr(t, name) for name in TRAINER_ARGS if getattr(t, name) != defaults[name].default}
 
 
 @dataclass

@@ -24,7 +24,7 @@ def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> No
     processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
     t = p.trainer_config
     if p.expert.workers <= 1 or len(jobs) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
-            or str(t.devices) != "1":
+            or str(t.devices) != "1" or t.num_nodes != 1:
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed

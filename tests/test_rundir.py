@@ -160,3 +160,23 @@ def test_killed_writers_temporaries_are_swept(tmp_path):
         (folder / "inner" / "model.safetensors").write_text("half")
     assert sorted(sweep_temporaries(tmp_path)) == sorted(swept)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in swept)
+
+
+def test_the_trainer_section_takes_lightnings_own_arguments(tmp_path):
+    from memmcl.expert_phase import expert_key
+    from memmcl.pipeline import TrainerConfig
+    from memmcl.settings import PIPELINE_OWNED, TRAINER_ARGS
+
+    assert {"num_nodes", "accumulate_grad_batches", "gradient_clip_val", "deterministic"} <= set(TRAINER_ARGS)
+    assert not set(TRAINER_ARGS) & set(PIPELINE_OWNED)
+    with pytest.raises(TypeError):  # each phase sets its own epochs
+        TrainerConfig(max_epochs=3)
+    plain = Pipeline(name="r", root=str(tmp_path), tasks=["sc_binary"])
+    run = Pipeline(name="r", root=str(tmp_path), tasks=["sc_binary"],
+                   trainer=TrainerConfig(accumulate_grad_batches=4, gradient_clip_val=1.0))
+    trainer = run.trainer(None)
+    assert trainer.accumulate_grad_batches == 4 and trainer.gradient_clip_val == 1.0
+    assert plain.trainer(None).accumulate_grad_batches == 1
+    assert expert_key(run, run.specs[0]) != expert_key(plain, plain.specs[0])  # it changes what an expert learns
+    with pytest.raises(PipelineError, match=r"^trainer: .*num_nodes"):
+        Pipeline(name="r", root=str(tmp_path), tasks=["sc_binary"], trainer=TrainerConfig(num_nodes=0))
