@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from memmcl.expert_phase import expert_key
@@ -113,6 +114,23 @@ def test_killed_pipeline_resumes_with_finished_phases_skipped(tmp_path, tiny_dir
     ran = {p for p, r in fifth.phases.items() if not r["skipped"]}
     assert {"weak", "merge", "eval"} <= ran and not any(p.startswith("expert:") for p in ran)
 
+    # wrong-shaped files that parse (a weak summary, a weak JSONL line, the genome) and an expert.yaml that records a
+    # training file other than the spec's: each is named, its phase redone, and the results stay byte-identical
+    before = (run / "eval" / "results.json").read_bytes()
+    (run / "weak" / "summary.yaml").write_text("42\n")
+    with (run / "weak" / "irony.jsonl").open("a") as f:
+        f.write("[1, 2]\n")
+    (run / "merge" / "best_genome.yaml").write_text("coefficients: 3\n")
+    recorded = run / "experts" / "sc_3class" / "expert" / "expert.yaml"
+    meta = yaml.safe_load(recorded.read_text())
+    meta["tasks"][0]["splits"]["train"] = str(tmp_path / "elsewhere.jsonl")
+    recorded.write_text(yaml.safe_dump(meta))
+    sixth = pipeline(tmp_path, tiny_dir, generations=3)
+    sixth.run()
+    assert {p for p, r in sixth.phases.items() if not r["skipped"]} == {"expert:sc_3class", "weak", "merge"}
+    assert yaml.safe_load(recorded.read_text())["tasks"][0]["splits"]["train"].endswith("sc_3class/train.jsonl")
+    assert (run / "eval" / "results.json").read_bytes() == before
+
 
 def test_report_names_what_is_missing(tmp_path):
     (tmp_path / "run").mkdir()
@@ -131,6 +149,8 @@ def test_pipeline_configs_build(config, tiny_dir, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     extra = ["--backbone", str(tiny_dir)] if config.name.startswith("byo") else []
+    if "accelerator: gpu" in config.read_text() and not torch.cuda.is_available():  # a Trainer is built to check it
+        extra += ["--trainer.accelerator", "cpu"]
     text = config.read_text()
     if "configs/real/" in text and not REAL_DATA.is_dir():
         pytest.skip("../shared/realdata is not beside the project")
@@ -194,20 +214,3 @@ def test_real_tasks_given_by_relative_spec_paths_run_from_another_directory(tmp_
     assert len(losses) == 24 and all(i.startswith("sst-train-") for i in losses)
     saved = yaml.safe_load((tmp_path / "runs" / "real" / "experts" / "sst2" / "expert" / "expert.yaml").read_text())
     assert Path(saved["tasks"][0]["splits"]["train"]) == (REAL_DATA / "sst2" / "train.csv").resolve()
-
-    # wrong-shaped files that parse (a weak summary, a weak JSONL line, the genome) and an expert.yaml that records a
-    # training file other than the spec's: each is named, its phase redone, and the results stay byte-identical
-    before = (run / "eval" / "results.json").read_bytes()
-    (run / "weak" / "summary.yaml").write_text("42\n")
-    with (run / "weak" / "irony.jsonl").open("a") as f:
-        f.write("[1, 2]\n")
-    (run / "merge" / "best_genome.yaml").write_text("coefficients: 3\n")
-    recorded = run / "experts" / "sc_3class" / "expert" / "expert.yaml"
-    meta = yaml.safe_load(recorded.read_text())
-    meta["tasks"][0]["splits"]["train"] = str(tmp_path / "elsewhere.jsonl")
-    recorded.write_text(yaml.safe_dump(meta))
-    sixth = pipeline(tmp_path, tiny_dir, generations=3)
-    sixth.run()
-    assert {p for p, r in sixth.phases.items() if not r["skipped"]} == {"expert:sc_3class", "weak", "merge", "eval"}
-    assert yaml.safe_load(recorded.read_text())["tasks"][0]["splits"]["train"].endswith("sc_3class/train.jsonl")
-    assert (run / "eval" / "results.json").read_bytes() == before
