@@ -72,7 +72,7 @@ def eval_phase(p: RunContext, merge_key: str, record: dict, difficulty: dict, me
     merges = search.candidate_merges(record)
     models = {name: merges[name] for name in ("base", "uniform", "task_arithmetic") if name in merges}
     models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != FINAL})
-    models[FINAL] = merges["final"]
+    models[FINAL] = merges[FINAL]
 
     def dm(specs, **kw):
         return p.datamodule(specs, max_train_examples=None, **kw)  # demonstrations come from the whole training set

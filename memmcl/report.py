@@ -10,7 +10,7 @@ import yaml
 
 from memmcl.experts.kinds import kind_of
 from memmcl.precision import describe
-from memmcl.roster import columns, label
+from memmcl.roster import FINAL, columns, label
 from memmcl.rundir import inside, write_atomic
 
 
@@ -127,7 +127,7 @@ def _plots(out: Path, results: dict, genome: dict, stages: dict, difficulty: dic
     written.append(_save_figure(fig, out / "accuracy.png"))
 
     names = list(genome["coefficients"])
-    rows = list(genome["stages"]) + ["final"]
+    rows = list(genome["stages"]) + [FINAL]
     weights = np.array([[np.mean(genome["stages"][s]["coefficients"][n]) if s in genome["stages"] else np.nan for n in names]
                         for s in rows[:-1]] + [[np.mean(genome["coefficients"][n]) for n in names]])
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 0.6 * len(rows) + 1.5))

@@ -27,6 +27,7 @@ from memmcl.experts.kinds import ExpertKind, kind_of
 from memmcl.merging import evolution
 from memmcl.merging.methods import MergeMethod, method_info
 from memmcl.merging.multilora import MergeError, MultiLoRAModel, coefficients_from_yaml, read_lora_factors
+from memmcl.roster import FINAL
 from memmcl.rundir import atomic_save_dir
 from memmcl.tasks.spec import GROUPS, TaskSpec, spec_from_dict
 
@@ -235,7 +236,8 @@ class MergeScorer(LabelScoringModule):
     def candidate_merges(self, record: dict) -> dict[str, torch.Tensor]:
         """Returns the coefficient matrices to score after a search `record` (best_genome): `base` (no expert),
         `uniform` (1/T each), `uniform_<group>`, `evolved_<stage>` for each stage, each baseline (`task_arithmetic`)
-        and `final` (the record's own)."""
+        and `evolved_global` (`roster.FINAL`: the record's own coefficients, the global stage's or, with one group,
+        that group's)."""
         T = self.model.n_experts
         candidates = {"base": torch.zeros(self.hparams.blocks, T),
                       "uniform": torch.full((self.hparams.blocks, T), 1.0 / T)}
@@ -247,5 +249,5 @@ class MergeScorer(LabelScoringModule):
             candidates[f"evolved_{stage}"] = self.coef_matrix(r["coefficients"])
         for name, r in record.get("baselines", {}).items():
             candidates[name] = self.coef_matrix(r["coefficients"])
-        candidates["final"] = self.coef_matrix(record["coefficients"])
+        candidates[FINAL] = self.coef_matrix(record["coefficients"])  # the record's own: the method's final model
         return candidates

@@ -25,6 +25,7 @@ from memmcl.merging.multilora import MergeError, coefficients_to_yaml
 from memmcl.merging.scorer import MergeScorer
 from memmcl.merging.stage import quiet_progress_bar, run_stage, tune_task_arithmetic
 from memmcl.merging.weak import mine_weak_data
+from memmcl.roster import FINAL
 from memmcl.rundir import clear, inside
 from memmcl.tasks.spec import TaskSpec
 
@@ -168,7 +169,7 @@ class MergeSearch(MergeScorer):
             tasks = [self.names[t] for t in members]
             for name in out:
                 out[name][f"mean_acc_{g}"] = float(np.mean([out[name]["per_task"][t]["acc"] for t in tasks]))
-        self.set_coefficients(candidates["final"])
+        self.set_coefficients(candidates[FINAL])
         if trainer.is_global_zero:
             write_atomic(inside(self.out_dir, "test_eval.yaml"), yaml.safe_dump(out, sort_keys=False).encode())
         return out
