@@ -37,7 +37,6 @@ from memmcl.expert_phase import EXPERT_OUTPUTS, expert_done, expert_key, expert_
 from memmcl.experts.backbone import BACKBONES, Dtype, resolve_backbone
 from memmcl.experts.expert import write_atomic
 from memmcl.experts.kinds import expert_kind
-from memmcl.experts.tangent import clear_jacobians
 from memmcl.merging.multilora import ADAPTER_WEIGHTS
 from memmcl.merging.search import GENOME_FILE, genome_problem
 from memmcl.merging.weak import check_task_data, mine_weak_data, summary_problem
@@ -259,7 +258,8 @@ class Pipeline(RunContext):
         run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s,)) for s in self.specs
                          if not expert_done(self, s)])
         expert_metrics = {s.name: expert_phase(self, s) for s in self.specs}
-        clear_jacobians()  # tangent experts' training features: not needed past this point
+        if self.kind.release is not None:  # what the kind kept for training (tangent: Jacobians) is not needed now
+            self.kind.release()
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
         expert_keys = {s.name: [expert_key(self, s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]

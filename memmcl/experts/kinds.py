@@ -10,10 +10,11 @@ module plus one `register(ExpertKind(...))` line below; nothing else branches on
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memmcl.experts.expert import LoRAExpert
-from memmcl.experts.tangent import TangentExpert
+from memmcl.experts.tangent import TangentExpert, clear_jacobians
 
 
 class KindError(ValueError):
@@ -34,6 +35,8 @@ class ExpertKind:
         settings: the `ExpertConfig` fields only this kind reads (they enter its phase keys, no other kind's).
         off_task: trains against other tasks' prompts (the pipeline gives it `set_off_task`).
         note: what the report says of a run with experts of this kind.
+        release: called once every expert is trained: drops what the kind kept for training (tangent: the kept
+            Jacobians); None: nothing kept.
         merge_scorer: the class path of the scorer a merge of its experts is scored with (None: the merged network
             itself), built as `scorer(multilora_model, pad_id, n_labels)` by `merging.scorer` (a path, as Lightning's
             `class_path`, because merging sits above experts).
@@ -49,6 +52,7 @@ class ExpertKind:
     off_task: bool = False
     merge_scorer: str | None = None
     note: str = ""
+    release: Callable[[], None] | None = None
 
     def default(self, field: str):
         """The module's own default of `field` (None where the module has no such argument)."""
@@ -87,7 +91,7 @@ def kind_of(meta: dict, source: str = "expert.yaml") -> ExpertKind:
 register(ExpertKind(DEFAULT_KIND, LoRAExpert))
 register(ExpertKind("tangent", TangentExpert, generates=False, demonstrations=False, float32_only=True,
                     merge_methods=("linear",), settings=("off_task_weight", "off_task_prompts"), off_task=True,
-                    merge_scorer="memmcl.merging.tangent.TangentScorer",
+                    merge_scorer="memmcl.merging.tangent.TangentScorer", release=clear_jacobians,
                     note="Tangent experts (`expert.kind: tangent`): each expert, merge and multi-task adapter of this "
                          "table is scored in the tangent model, the backbone's first-order expansion in the adapter; "
                          "the multi-task rows are one tangent adapter trained on every task. peft loading an exported "
