@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,19 +14,12 @@ from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect
 from memmcl.curriculum.difficulty import check_weights
 from memmcl.curriculum.pacing import START_COMPETENCE, Pacing
 from memmcl.experts.kinds import DEFAULT_KIND, KindError, expert_kind
-from memmcl.merging.evolution import Algorithm
-from memmcl.merging.methods import MergeMethod
 from memmcl.merging.search import MergeSearch
 from memmcl.tasks.spec import NAME_RULE, TASK_NAME
 
 
 class PipelineError(ValueError):
     """A pipeline setting that cannot work; the message names the config field and what was expected."""
-
-
-def _default(cls, name: str):
-    """Returns the default of argument `name` of `cls` (settings repeat no default of the class they configure)."""
-    return inspect.signature(cls.__init__).parameters[name].default
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -109,28 +103,18 @@ def resolve_expert(e: ExpertConfig) -> ExpertConfig:
     return dataclasses.replace(e, **{f: kind.default(f) for f in KIND_DEFAULTED if getattr(e, f) is None})
 
 
-@dataclass
-class MergeConfig:
-    """The evolutionary merge: every field is a `MergeSearch` argument of the same name and default (see it)."""
-
-    algorithm: Algorithm = _default(MergeSearch, "algorithm")
-    population: int = _default(MergeSearch, "population")
-    generations: int = _default(MergeSearch, "generations")
-    sigma: float = _default(MergeSearch, "sigma")
-    bounds: tuple[float, float] = _default(MergeSearch, "bounds")
-    blocks: int = _default(MergeSearch, "blocks")
-    method: MergeMethod = _default(MergeSearch, "method")
-    density: float = _default(MergeSearch, "density")
-    max_weak_examples: int | None = _default(MergeSearch, "max_weak_examples")
-    min_weak_examples: int = _default(MergeSearch, "min_weak_examples")
-    weak_anchor_ratio: float = _default(MergeSearch, "weak_anchor_ratio")
-    task_weights: dict[str, float] | None = _default(MergeSearch, "task_weights")
-    fitness: Literal["mean", "protect"] = _default(MergeSearch, "fitness")
-    worst_weight: float = _default(MergeSearch, "worst_weight")
-    fold: bool = _default(MergeSearch, "fold")
-    task_arithmetic_scales: tuple[float, ...] | None = _default(MergeSearch, "task_arithmetic_scales")
-    groups: dict[str, list[str]] | None = _default(MergeSearch, "groups")
-    on_test_overlap: Literal["error", "drop"] = _default(MergeSearch, "on_test_overlap")
+# The MergeSearch arguments the pipeline sets from its own settings and run directory; every other argument of
+# `MergeSearch` (`MergeScorer.__init__`) is a `merge:` setting with the same name, type and default.
+MERGE_OWNED = ("experts", "out_dir", "backbone", "dtype", "seed", "max_length", "eval_batch_size", "evaluate_test",
+               "weak_dir", "max_train_examples")
+_MERGE_TYPES = typing.get_type_hints(MergeSearch.__init__)
+MergeConfig = dataclasses.make_dataclass(
+    "MergeConfig",
+    [(name, _MERGE_TYPES[name], dataclasses.field(default=p.default))
+     for name, p in inspect.signature(MergeSearch.__init__).parameters.items() if name not in ("self", *MERGE_OWNED)],
+    namespace={"__doc__": "The evolutionary merge: every `MergeSearch` argument except `MERGE_OWNED`, with its name, "
+                          "type and default (see it)."})
+MergeConfig.__module__ = __name__  # (pickled into worker processes by its module's name)
 
 
 @dataclass
