@@ -126,3 +126,13 @@ def test_per_example_correctness_agrees_with_accuracy(tiny_dir):
     for task, hits in correct.items():
         assert list(hits) == sorted(e.id for e in dm.examples[task]["test"])  # every test example once, in id order
         assert sum(hits.values()) / len(hits) == pytest.approx(expert.results["test"][task]["acc"], abs=1e-6)
+
+
+def test_the_roster_labels_every_model_the_pipeline_can_name():
+    from memmcl.roster import FINAL, columns, label, variant_name
+
+    names = ["base", "evolved_SC", FINAL, "multitask", variant_name("root"), variant_name("linear"), f"{FINAL}+icl"]
+    assert columns(names) == ["base", "evolved_group", FINAL, "multitask", "multitask+curriculum",
+                              "multitask+curriculum_linear", f"{FINAL}+icl"]
+    assert label(variant_name("linear")) == "multi-task LoRA + curriculum (linear)"  # the report no longer drops it
+    assert label(FINAL) == "evolved global merge"
