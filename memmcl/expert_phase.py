@@ -8,10 +8,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 
+from memmcl.experts.expert_io import check_expert_dir
 from memmcl.rundir import clear, config_hash, write_json
 
 if TYPE_CHECKING:
@@ -30,15 +30,15 @@ def expert_key(p: RunContext, spec: TaskSpec) -> str:
                         spec.data_hash(("train", "validation"))])
 
 
-def expert_done(p: RunContext, spec: TaskSpec) -> dict | None:
-    """Returns the expert phase's marker when the task's expert is trained with these settings and its expert.yaml
-    records the current spec (the weak phase, the merge and evaluation read that record); else None, and a
-    mismatched record is named in a warning (the expert is trained again)."""
+def expert_done(p: RunContext, spec: TaskSpec, key: str) -> dict | None:
+    """Returns the expert phase's marker when the task's expert is trained with these settings (`key`,
+    `expert_key`) and its expert.yaml records the current spec (the weak phase, the merge and evaluation read that
+    record); else None, and a mismatched record is named in a warning (the expert is trained again)."""
     out = p.run_dir / "experts" / spec.name
-    marker = p.done(out, expert_key(p, spec), EXPERT_OUTPUTS)
+    marker = p.done(out, key, EXPERT_OUTPUTS)
     if marker is None:
         return None
-    recorded = yaml.safe_load((out / "expert" / "expert.yaml").read_text())
+    recorded = check_expert_dir(out / "expert")
     if not isinstance(recorded, dict) or recorded.get("tasks") != [json.loads(json.dumps(spec.to_dict()))]:
         log.warning("%s: does not record the current spec of task '%s' (%s); the expert is trained again",
                     out / "expert" / "expert.yaml", spec.name, spec.source)
@@ -46,11 +46,11 @@ def expert_done(p: RunContext, spec: TaskSpec) -> dict | None:
     return marker
 
 
-def expert_phase(p: RunContext, spec: TaskSpec) -> dict:
-    """Trains the task's LoRA expert into experts/<task>/expert; returns its validation metrics."""
+def expert_phase(p: RunContext, spec: TaskSpec, key: str) -> dict:
+    """Trains the task's LoRA expert into experts/<task>/expert (`key`: its `expert_key`); returns its validation
+    metrics."""
     out = p.run_dir / "experts" / spec.name
-    key = expert_key(p, spec)
-    if marker := expert_done(p, spec):
+    if marker := expert_done(p, spec, key):
         p.skip(f"expert:{spec.name}", marker)
         return json.loads((out / "metrics.json").read_text())
     if rank_zero_only.rank == 0:

@@ -177,12 +177,8 @@ class Pipeline(RunContext):
         key = config_hash([expert_keys, self.seed, self.merge.max_weak_examples, self.merge.min_weak_examples,
                            self.merge.weak_anchor_ratio, self.expert.max_train_examples])
         outputs = ("summary.yaml", *(f"{s.name}{suffix}" for s in self.specs for suffix in (".jsonl", ".example_loss.json")))
-        marker = self.done(out, key, outputs)
-        if marker and (problem := summary_problem(yaml.safe_load((out / "summary.yaml").read_text()),
-                                                  [s.name for s in self.specs])):
-            log.warning("%s: %s; the phase runs again", out / "summary.yaml", problem)
-            marker = None
-        if marker:
+        names = [s.name for s in self.specs]
+        if marker := self.done(out, key, outputs, {"summary.yaml": lambda summary: summary_problem(summary, names)}):
             self.skip("weak", marker)
         else:
             started = time.time()
@@ -218,12 +214,9 @@ class Pipeline(RunContext):
         """Group searches, then the global search, into merge/; returns (key, best_genome record)."""
         out = inside(self.run_dir, "merge")
         key = config_hash([expert_keys, asdict(self.merge), self.seed, self.max_length])
-        if marker := self.done(out, key, (GENOME_FILE,)):
-            if problem := genome_problem(yaml.safe_load((out / GENOME_FILE).read_text())):
-                log.warning("%s: %s; the phase runs again", out / GENOME_FILE, problem)
-            else:
-                self.skip("merge", marker)
-                return key, yaml.safe_load((out / GENOME_FILE).read_text())
+        if marker := self.done(out, key, (GENOME_FILE,), {GENOME_FILE: genome_problem}):
+            self.skip("merge", marker)
+            return key, yaml.safe_load((out / GENOME_FILE).read_text())
         started = time.time()
         started_file = out / ".started.json"
         resume = started_file.exists() and json.loads(started_file.read_text()).get("key") == key
@@ -255,14 +248,15 @@ class Pipeline(RunContext):
         metadata = self.data_phase()
         if on_data_checked is not None:
             on_data_checked()
-        run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s,)) for s in self.specs
-                         if not expert_done(self, s)])
-        expert_metrics = {s.name: expert_phase(self, s) for s in self.specs}
+        keys = {s.name: expert_key(self, s) for s in self.specs}  # (each hashes its task's data files: once)
+        run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s, keys[s.name])) for s in self.specs
+                         if not expert_done(self, s, keys[s.name])])
+        expert_metrics = {s.name: expert_phase(self, s, keys[s.name]) for s in self.specs}
         if self.kind.release is not None:  # what the kind kept for training (tangent: Jacobians) is not needed now
             self.kind.release()
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or
         # retrained adapter re-runs weak data, difficulty, merge and evaluation)
-        expert_keys = {s.name: [expert_key(self, s), file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
+        expert_keys = {s.name: [keys[s.name], file_sha(self.run_dir / "experts" / s.name / "expert" / ADAPTER_WEIGHTS)]
                        for s in self.specs}
         weak = self.weak_phase(expert_keys)
         difficulty = self.difficulty_phase(metadata, expert_metrics, weak)

@@ -18,8 +18,8 @@ class ReportError(ValueError):
     """A run directory that lacks what a report needs; the message names the file."""
 
 
-def _load(path: Path, what: str = "", shape: type = dict):
-    """Returns a run file's JSON / plain-YAML mapping; missing, unparsable (a `!!python` tag) or wrong-shaped is an
+def _load(path: Path, what: str = "") -> dict:
+    """Returns a run file's JSON / plain-YAML mapping; missing, unparsable (a `!!python` tag) or not a mapping is an
     error naming the file."""
     if not path.is_file():
         raise ReportError(f"{path}: missing; {what}")
@@ -27,8 +27,8 @@ def _load(path: Path, what: str = "", shape: type = dict):
         data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (ValueError, yaml.YAMLError) as err:
         raise ReportError(f"{path}: not readable {path.suffix[1:].upper()} ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, shape):
-        raise ReportError(f"{path}: a {type(data).__name__}; expected a {shape.__name__} as memmcl pipeline writes it")
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: a {type(data).__name__}; expected a dict as memmcl pipeline writes it")
     return data
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,14 +52,18 @@ class RunContext:
 
     # ---- the phase store -----------------------------------------------------------------------------------------
 
-    def done(self, phase_dir: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
-        """Returns the phase's marker if it holds `key` and every output file is whole; an unreadable marker or a
-        missing or corrupt output is named in a warning and the phase is done again."""
+    def done(self, phase_dir: Path, key: str, outputs: tuple[str, ...] = (),
+             shapes: dict[str, Callable[[object], str | None]] | None = None) -> dict | None:
+        """Returns the phase's marker if it holds `key` and every output file is whole (and of the shape `shapes`
+        checks, {output: problem(content)}); an unreadable marker or a missing, corrupt or wrong-shaped output is
+        named in a warning and the phase is done again."""
         marker = phase_dir / PHASE_FILE
         if not marker.exists():
             return None
-        for path in (marker, *(phase_dir / name for name in outputs)):
-            if problem := file_problem(path):
+        shapes = shapes or {}
+        for name in (PHASE_FILE, *outputs):
+            path = phase_dir / name
+            if problem := file_problem(path, shapes.get(name)):
                 log.warning("%s: %s; the phase runs again", path, problem)
                 return None
         data = json.loads(marker.read_text())

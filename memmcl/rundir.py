@@ -21,20 +21,21 @@ import yaml
 LOCK_FILE = ".lock"
 
 
-def file_problem(path: Path) -> str | None:
+def file_problem(path: Path, shape: Callable[[object], str | None] | None = None) -> str | None:
     """Returns what is wrong with an output file (missing, unparsable JSON / YAML, a JSONL line that is not a JSON
-    object, truncated safetensors), else None."""
+    object, truncated safetensors, or what `shape` says of a parsed JSON / YAML file's content), else None."""
     if not path.is_file():
         return "missing"
+    content = None
     try:
         if path.suffix == ".json":
-            json.loads(path.read_text())
+            content = json.loads(path.read_text())
         elif path.suffix == ".jsonl":
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not isinstance(json.loads(line), dict):
                     return f"corrupt (line {n} is not a JSON object)"
         elif path.suffix == ".yaml":
-            yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text())
         elif path.suffix == ".safetensors":
             data = path.read_bytes()
             size = int.from_bytes(data[:8], "little")
@@ -44,7 +45,7 @@ def file_problem(path: Path) -> str | None:
                 return f"truncated ({len(data)} bytes, the header says {8 + size + end})"
     except (ValueError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
         return f"corrupt ({type(err).__name__})"
-    return None
+    return shape(content) if shape is not None and path.suffix in (".json", ".yaml") else None
 
 
 class RunDirError(ValueError):
@@ -99,7 +100,7 @@ class RunLock:
             data = json.loads(self.path.read_text())
             pid = data.get("pid") if isinstance(data, dict) else None
             ok = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
-            return {**data, "host": str(data.get("host"))} if ok else None
+            return data if ok else None
         except (OSError, ValueError):
             return None  # unreadable or half-written: treated as stale
 

@@ -37,24 +37,36 @@ PIPELINE_OWNED = ("logger", "callbacks", "fast_dev_run", "max_epochs", "min_epoc
 # Ours: a CPU run by default, precision null = auto (memmcl.precision), and the progress bars on or off.
 _OWN_TRAINER_FIELDS = [("accelerator", str, "cpu"), ("devices", int | str, 1), ("strategy", str, "auto"),
                        ("precision", str | None, None), ("progress_bar", bool, True)]
-TRAINER_ARGS = tuple(name for name in inspect.signature(L.Trainer.__init__).parameters
-                     if name not in ("self", *PIPELINE_OWNED, *(f for f, _, _ in _OWN_TRAINER_FIELDS)))
-TrainerConfig = dataclasses.make_dataclass(
-    "TrainerConfig",
-    [(name, type_, dataclasses.field(default=default)) for name, type_, default in _OWN_TRAINER_FIELDS]
-    + [(name, p.annotation, dataclasses.field(default=p.default))
-       for name, p in inspect.signature(L.Trainer.__init__).parameters.items() if name in TRAINER_ARGS],
-    namespace={"__doc__": "Settings of every Trainer the pipeline builds: `lightning.Trainer`'s own arguments "
-                          "(`--trainer.strategy ddp --trainer.devices 2`, `--trainer.num_nodes 2`, "
-                          "`--trainer.accumulate_grad_batches 4`, `--trainer.gradient_clip_val 1.0`, ...) except "
-                          "`PIPELINE_OWNED`, which each phase sets; `progress_bar` turns the bars on or off."})
-TrainerConfig.__module__ = __name__  # (pickled into worker processes by its module's name)
+
+
+def _arguments_of(fn, leave_out: tuple[str, ...]) -> dict[str, tuple]:
+    """{name: (type, default)} of `fn`'s arguments, less `self` and `leave_out`."""
+    types = typing.get_type_hints(fn)
+    return {name: (types[name], p.default) for name, p in inspect.signature(fn).parameters.items()
+            if name not in ("self", *leave_out)}
+
+
+def _settings_class(name: str, fields: dict[str, tuple], doc: str) -> type:
+    """A dataclass with `fields` ({name: (type, default)}) in order: a pipeline section that is a class's own
+    arguments, with their types and defaults."""
+    cls = dataclasses.make_dataclass(name, [(f, t, dataclasses.field(default=d)) for f, (t, d) in fields.items()],
+                                     namespace={"__doc__": doc})
+    cls.__module__ = __name__  # (pickled into worker processes by its module's name)
+    return cls
+
+
+_TRAINER_DEFAULTS = _arguments_of(L.Trainer.__init__, PIPELINE_OWNED + tuple(f for f, _, _ in _OWN_TRAINER_FIELDS))
+TRAINER_ARGS = tuple(_TRAINER_DEFAULTS)
+TrainerConfig = _settings_class(
+    "TrainerConfig", {f: (t, d) for f, t, d in _OWN_TRAINER_FIELDS} | _TRAINER_DEFAULTS,
+    "Settings of every Trainer the pipeline builds: `lightning.Trainer`'s own arguments (`--trainer.strategy ddp "
+    "--trainer.devices 2`, `--trainer.num_nodes 2`, `--trainer.accumulate_grad_batches 4`, `--trainer.gradient_clip_val "
+    "1.0`, ...) except `PIPELINE_OWNED`, which each phase sets; `progress_bar` turns the bars on or off.")
 
 
 def trainer_args(t) -> dict:
     """The `TRAINER_ARGS` of `t` that differ from the Trainer's defaults (they enter the training phases' keys)."""
-    defaults = inspect.signature(L.Trainer.__init__).parameters
-    return {name: getattr(t, name) for name in TRAINER_ARGS if getattr(t, name) != defaults[name].default}
+    return {name: getattr(t, name) for name, (_, default) in _TRAINER_DEFAULTS.items() if getattr(t, name) != default}
 
 
 @dataclass
@@ -107,14 +119,9 @@ def resolve_expert(e: ExpertConfig) -> ExpertConfig:
 # `MergeSearch` (`MergeScorer.__init__`) is a `merge:` setting with the same name, type and default.
 MERGE_OWNED = ("experts", "out_dir", "backbone", "dtype", "seed", "max_length", "eval_batch_size", "evaluate_test",
                "weak_dir", "max_train_examples")
-_MERGE_TYPES = typing.get_type_hints(MergeSearch.__init__)
-MergeConfig = dataclasses.make_dataclass(
-    "MergeConfig",
-    [(name, _MERGE_TYPES[name], dataclasses.field(default=p.default))
-     for name, p in inspect.signature(MergeSearch.__init__).parameters.items() if name not in ("self", *MERGE_OWNED)],
-    namespace={"__doc__": "The evolutionary merge: every `MergeSearch` argument except `MERGE_OWNED`, with its name, "
-                          "type and default (see it)."})
-MergeConfig.__module__ = __name__  # (pickled into worker processes by its module's name)
+MergeConfig = _settings_class(
+    "MergeConfig", _arguments_of(MergeSearch.__init__, MERGE_OWNED),
+    "The evolutionary merge: every `MergeSearch` argument except `MERGE_OWNED`, with its name, type and default (see it).")
 
 
 @dataclass

@@ -78,8 +78,6 @@ class MergeSearch(MergeScorer):
         """Each expert's weak data and per-example losses (see `weak.mine_weak_data`); the weak specs in expert order."""
         return mine_weak_data(self, trainer)
 
-    # ---- the search --------------------------------------------------------------------------------------------
-
     # ---- the whole merge ---------------------------------------------------------------------------------------
 
     def run(self, trainer: L.Trainer, resume: bool = False, genome: str | None = None) -> dict:

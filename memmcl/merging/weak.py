@@ -182,9 +182,10 @@ def summary_problem(summary, tasks: list[str]) -> str | None:
 def read_summary(path: Path) -> dict:
     """Returns weak/summary.yaml's per-task entries that are whole mappings; a missing, unparsable or wrong-shaped
     file counts as empty (its tasks' weak data is mined again)."""
-    if file_problem(path) is not None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
-    data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         return {}
     return {t: e for t, e in data.items() if summary_problem({t: e}, [t]) is None}

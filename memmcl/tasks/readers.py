@@ -88,15 +88,11 @@ def _read_delimited(spec: TaskSpec, path: Path, delimiter: str) -> Iterator[Exam
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
         raise TaskError(f"{path}:1: header {reader.fieldnames} has no column(s) {missing}; set the task's 'fields'")
-    rows = iter(reader)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except csv.Error as err:  # e.g. a field over csv.field_size_limit(), a NUL byte
-            raise TaskError(f"{path}:{reader.line_num + 1}: not a readable {spec.format.upper()} row ({err})") from None
-        yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
+    try:
+        for row in reader:
+            yield _record(spec, row, f"{path}:{reader.line_num}", f"{spec.name}-{reader.line_num}")
+    except csv.Error as err:  # e.g. a field over csv.field_size_limit(), a NUL byte
+        raise TaskError(f"{path}:{reader.line_num + 1}: not a readable {spec.format.upper()} row ({err})") from None
 
 
 def read_csv(spec: TaskSpec, path: Path) -> Iterator[Example]:
