@@ -52,7 +52,7 @@ def main(n: int = 48, rounds: int = 2, batch: int = 16) -> dict:
         model.eval()
         stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id
 
-        def loop():
+        def loop(model=model, stops=stops, pad=pad):
             res = []
             for p in ps:
                 o = model.generate(torch.tensor([p]), max_new_tokens=budget, do_sample=False, eos_token_id=sorted(stops),
@@ -62,8 +62,10 @@ def main(n: int = 48, rounds: int = 2, batch: int = 16) -> dict:
 
         methods = {
             "loop": loop,
-            "batched": lambda: generate_greedy(model, ps, pad, stops, budget, chunk_size=batch, share_prefix=False),
-            "batched_prefix": lambda: generate_greedy(model, ps, pad, stops, budget, chunk_size=batch),
+            "batched": lambda model=model, pad=pad, stops=stops: generate_greedy(
+                model, ps, pad, stops, budget, chunk_size=batch, share_prefix=False),
+            "batched_prefix": lambda model=model, pad=pad, stops=stops: generate_greedy(
+                model, ps, pad, stops, budget, chunk_size=batch),
         }
         times: dict[str, list[float]] = {m: [] for m in methods}
         outputs = {}

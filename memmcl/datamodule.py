@@ -136,7 +136,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             splits = self.examples[spec.name]
             # weak data (a validation-only task) is training data: its own targets set the budget
             budget = generation_budget(self.tokenizer, spec, splits.get("train") or next(iter(splits.values()))) \
-                if spec.extraction else 0
+                if spec.task_kind.generates else 0
             for split, examples in splits.items():
                 if self.encode_splits is not None and split not in self.encode_splits:
                     continue

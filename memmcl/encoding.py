@@ -18,11 +18,12 @@ def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[E
     """Returns one item per example: its prompt ids (with its list in `demonstrations`, within `demo_max_length`
     tokens when it has any), every label's answer ids, the gold label, the number of demonstrations and identifiers;
     an extraction example has its target ids as its one answer (label 0), its gold tuples and `max_new_tokens`."""
-    answers = None if spec.extraction else [answer_ids(tokenizer, a) for a in spec.answers]
+    generates = spec.task_kind.generates
+    answers = None if generates else [answer_ids(tokenizer, a) for a in spec.answers]
     items = []
     for e, demos in zip(examples, demonstrations or [[] for _ in examples], strict=True):
         length = (demo_max_length or max_length) if demos else max_length
-        if spec.extraction:  # one answer, the target: training and the gold score use it, evaluation generates
+        if generates:  # one answer, the target: training and the gold score use it, evaluation generates
             target = target_ids(tokenizer, spec, e)
             items.append({"task": task_index, "id": e.id, "label": 0, "answers": [target], "demos": len(demos),
                           "prompt": build_prompt(tokenizer, spec, e, length, demos, len(target)), "tuples": e.tuples,

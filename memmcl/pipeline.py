@@ -127,10 +127,11 @@ class Pipeline(RunContext):
         """Checks every setting that a later phase would reject, so a bad one fails before any expert is trained."""
         check_pipeline_settings(self.max_length, self.eval_batch_size, self.max_eval_examples, self.expert, self.merge,
                                 self.demos, self.difficulty_weights, [s.name for s in self.specs], self.multitask)
-        extraction = [s.name for s in self.specs if s.extraction]
-        if not expert_kind(self.expert.kind).generates and extraction:
-            raise PipelineError(f"expert.kind: {self.expert.kind} experts score labels; extraction task(s) {extraction} "
-                                "are generated; expected another expert kind or classification tasks only")
+        generated = [s for s in self.specs if s.task_kind.generates]
+        if not expert_kind(self.expert.kind).generates and generated:
+            raise PipelineError(f"expert.kind: {self.expert.kind} experts score labels; {generated[0].kind} task(s) "
+                                f"{[s.name for s in generated]} are generated; expected another expert kind or "
+                                "classification tasks only")
         try:  # the accelerator, devices and strategy are checked by building a Trainer (nothing is launched)
             self.trainer(None, quiet=True)
         except (MisconfigurationException, ValueError, RuntimeError) as err:
@@ -164,8 +165,8 @@ class Pipeline(RunContext):
         for spec in self.specs:  # what later phases need from the data, before the first expert is trained
             check_task_data(spec, dm.examples[spec.name], self.merge.on_test_overlap)
         metadata = {name: m.to_dict() for name, m in dm.metadata.items()}
-        for spec in self.specs:  # extraction: answering `none` everywhere, exact sets
-            labels = Counter(bool(e.tuples) if spec.extraction else e.label for e in dm.examples[spec.name]["test"])
+        for spec in self.specs:  # the most frequent answer (extraction: `none` everywhere, exact sets)
+            labels = Counter(spec.task_kind.majority_key(spec, e) for e in dm.examples[spec.name]["test"])
             metadata[spec.name]["majority_test"] = max(labels.values()) / sum(labels.values())
         write_json(out / "metadata.json", metadata)
         self.finish("data", out, key, started)

@@ -25,7 +25,7 @@ def test_every_embedded_task_masks_all_but_the_answer(suite):
         batch = suite._loader(items, 4, None).collate_fn(items)
         for i, item in enumerate(items):
             kept = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
-            if spec.extraction:  # the target text, then the end token that stops generation
+            if spec.kind == "extraction":  # the target text, then the end token that stops generation
                 example = next(e for e in suite.examples[name]["train"] if e.id == item["id"])
                 assert kept[-1] == tok.eos_token_id and tok.decode(kept[:-1]).strip() == render(example.tuples), name
             else:

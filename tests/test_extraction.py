@@ -11,7 +11,7 @@ import yaml
 
 from memmcl.experts.generation import generate_greedy
 from memmcl.merging.weak import gold_loss, select_weak, weak_spec
-from memmcl.tasks.extraction import TupleCounts, parse_answer, render
+from memmcl.tasks.extraction import TupleCounts, render
 from memmcl.tasks.prompts import answer_ids
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import TaskError, load_task_spec, spec_from_dict
@@ -69,7 +69,7 @@ def test_bad_tuples_are_named_by_file_and_line(tmp_path, line, message):
 
 
 def test_spec_fields_are_checked(tmp_path):
-    with pytest.raises(TaskError, match="field 'metric' is 'accuracy'; a extraction task takes tuple_f1"):
+    with pytest.raises(TaskError, match="field 'metric' is 'accuracy'; an extraction task takes tuple_f1"):
         extraction_spec(tmp_path, metric="accuracy")
     with pytest.raises(TaskError, match="'file_slots'"):
         extraction_spec(tmp_path, file_slots=["aspect", "sentiment"])
@@ -77,7 +77,7 @@ def test_spec_fields_are_checked(tmp_path):
         spec_from_dict({"name": "c", "group": "SC", "instruction": "x", "labels": {"a": "a", "b": "b"},
                         "splits": {"train": "x.jsonl"}, "slots": ["aspect"]})
     spec = load_task_spec(str(ROOT / "configs" / "real" / "stance.yaml"))
-    assert spec.metric == "mean_f1(against, favor)" and spec.metric_value(0.9, 0.5, [0.2, 0.4, 0.9]) == pytest.approx(0.3)
+    assert spec.metric == "mean_f1(against, favor)" and spec.task_kind.metric_value(spec, 0.9, 0.5, [0.2, 0.4, 0.9]) == pytest.approx(0.3)
     assert spec_from_dict(spec.to_dict(), source="again").metric == spec.metric
 
 
@@ -86,18 +86,18 @@ def test_target_round_trips_through_tokenization(tiny):
     spec = load_task_spec("aste_synthetic")
     for example in read_split(spec, "train")[:40]:
         ids = answer_ids(tokenizer, render(example.tuples))
-        assert parse_answer(spec, tokenizer.decode(ids)) == example.tuples
+        assert spec.task_kind.parse_answer(spec, tokenizer.decode(ids)) == example.tuples
 
 
 def test_malformed_answers_score_as_empty_and_are_counted():
     spec = load_task_spec("uabsa_synthetic")
     gold = (("food", "positive"), ("service", "negative"))
-    assert parse_answer(spec, "food | positive ; service") is None  # wrong arity
-    assert parse_answer(spec, "food | tasty") is None  # not a sentiment
-    assert parse_answer(spec, "None") == () and parse_answer(spec, " food |positive ") == (("food", "positive"),)
+    assert spec.task_kind.parse_answer(spec, "food | positive ; service") is None  # wrong arity
+    assert spec.task_kind.parse_answer(spec, "food | tasty") is None  # not a sentiment
+    assert spec.task_kind.parse_answer(spec, "None") == () and spec.task_kind.parse_answer(spec, " food |positive ") == (("food", "positive"),)
     counts = TupleCounts()
     counts.add(None, gold)
-    counts.add(parse_answer(spec, "food | positive ; pasta | neutral"), gold)
+    counts.add(spec.task_kind.parse_answer(spec, "food | positive ; pasta | neutral"), gold)
     counts.add((), ())
     # hand count: 1 matched of 2 predicted and 4 gold -> P 1/2, R 1/4, F1 = 2 PR / (P + R) = 1/3; 1 exact set of 3
     scores = counts.scores()

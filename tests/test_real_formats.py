@@ -138,10 +138,10 @@ def test_data_folder_setting(tmp_path, monkeypatch):
 def test_shipped_real_task_reads(spec_file):
     spec = load_task_spec(str(spec_file), data_dir=os.environ.get(DATA_DIR_ENV, str(REAL_DATA)))
     data, leaked = read_task(spec)
-    if spec.extraction:  # sizes of ../shared/realdata/README.md; every sentiment among the gold tuples
+    if spec.kind == "extraction":  # sizes of ../shared/realdata/README.md; every sentiment among the gold tuples
         # the standard dev splits repeat up to 3 train sentences ('Good food .'): logged, counted, kept
         assert leaked <= 3 and len(data["train"]) > 600 and 130 <= len(data["validation"]) <= 300
-        assert {t[spec.slots.index("sentiment")] for e in data["validation"] for t in e.tuples} == set(spec.labels)
+        assert {t[spec.task_kind.slots.index("sentiment")] for e in data["validation"] for t in e.tuples} == set(spec.labels)
         assert spec.group == "ABSA" and spec.metric == "tuple_f1"
         return
     assert leaked == 0 and len(data["train"]) > 1000 and 290 <= len(data["validation"]) <= 300

@@ -167,7 +167,7 @@ def test_embedded_suite_is_what_the_generator_writes(tmp_path):
     suite_generator = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(suite_generator)  # a script in tools/, not part of the installed package
     suite_generator.write_suite(tmp_path / "data", tmp_path / "specs")
-    for name in (n for n in embedded_task_names() if not load_task_spec(n).extraction):  # tools/extraction_suite.py
+    for name in (n for n in embedded_task_names() if not load_task_spec(n).kind == "extraction"):  # tools/extraction_suite.py
         assert (tmp_path / "specs" / f"{name}.yaml").read_text() == (ROOT / "configs/tasks" / f"{name}.yaml").read_text()
         for split in ("train", "validation", "test"):
             committed = ROOT / "memmcl/tasks/embedded" / name / f"{split}.jsonl"
@@ -184,7 +184,7 @@ def test_embedded_suite_mirrors_the_method_groups_without_leakage():
         data, leaked = read_task(s)
         assert leaked == 0, s.name
         assert {k: len(v) for k, v in data.items()} == {"train": 300, "validation": 100, "test": 100}
-        if s.extraction:  # every sentiment among the tuples, and sentences without any
+        if s.kind == "extraction":  # every sentiment among the tuples, and sentences without any
             assert {t[-1] for e in data["train"] for t in e.tuples} == set(s.labels), s.name
             assert any(not e.tuples for e in data["train"]), s.name
         else:

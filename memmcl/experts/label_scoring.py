@@ -11,16 +11,16 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from memmcl.experts.expert_io import ExpertError
 from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.experts.scoring import score_labels
-from memmcl.tasks.extraction import TupleCounts, parse_answer, render
 from memmcl.tasks.spec import TaskSpec
 
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 
 
 class LabelScoringModule(L.LightningModule):
-    """Validation / test / predict: classification tasks by label scoring, with per-task accuracy, macro-F1 and the
-    task's standard metric (torchmetrics, DDP-correct); extraction tasks by greedy generation parsed to tuples, with
-    exact-match micro precision / recall / F1 (`memmcl.tasks.extraction`).
+    """Validation / test / predict, in the evaluation mode of each task's kind (`memmcl.tasks.kinds`): tasks of a
+    scoring kind (classification) by label scoring, with per-task accuracy, macro-F1 and the task's standard metric
+    (torchmetrics, DDP-correct); tasks of a generating kind (extraction) by greedy generation parsed and counted by
+    their kind (extraction: tuples, exact-match micro precision / recall / F1, `memmcl.tasks.extraction`).
 
     Subclasses provide `self.model` (a causal LM) and `self.pad_id`; the task specs come from the datamodule.
     After each evaluation epoch, `self.results[split][task]` holds that task's {"acc", "f1", "metric"} (extraction:
@@ -43,9 +43,10 @@ class LabelScoringModule(L.LightningModule):
             self.results, self.correct, self._outcomes = {}, {}, []
         if getattr(self, "specs", None) == specs:
             return
-        if not self.generates and (extraction := [s.name for s in specs if s.extraction]):
-            raise ExpertError(f"{type(self).__name__}: tangent experts score labels; extraction task(s) {extraction} are "
-                              "generated; expected classification tasks (or ordinary LoRA experts)")
+        if not self.generates and (generated := [s for s in specs if s.task_kind.generates]):
+            raise ExpertError(f"{type(self).__name__}: tangent experts score labels; {generated[0].kind} task(s) "
+                              f"{[s.name for s in generated]} are generated; expected classification tasks (or ordinary "
+                              "LoRA experts)")
         self.specs = specs
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleList([
@@ -58,7 +59,11 @@ class LabelScoringModule(L.LightningModule):
             ])
             for split in ("val", "test")
         })
-        self.tuple_counts = {split: [TupleCounts() for _ in specs] for split in ("val", "test")}
+        self.answer_counts = {split: self._new_counts() for split in ("val", "test")}
+
+    def _new_counts(self) -> list:
+        """Per task, the counts of its generated answers (its kind's `counts()`; None for a task scored by labels)."""
+        return [s.task_kind.counts() if s.task_kind.generates else None for s in self.specs]
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """Moves the batch's tensors; its token-id lists stay as they are (Lightning's default walks every int)."""
@@ -68,21 +73,23 @@ class LabelScoringModule(L.LightningModule):
         """Returns [B, max labels] answer log-likelihoods for a batch (the shared label scorer)."""
         return score_labels(self.model, batch["prompt"], batch["answers"], self.pad_id).to(self.device)
 
-    def generate_tuples(self, batch: dict) -> list[tuple | None]:
-        """Returns each row's generated answer parsed to tuples (None: malformed), rows of extraction tasks only."""
+    def generate_answers(self, batch: dict) -> list:
+        """Returns each row's generated answer as its task kind parses it (extraction: tuples; None: malformed), rows
+        of generated tasks only."""
         tokenizer = self.trainer.datamodule.tokenizer
         tokens = generate_greedy(self.model, batch["prompt"], self.pad_id, stop_ids(tokenizer), batch["max_new"])
-        return [parse_answer(self.specs[int(t)], tokenizer.decode(ids, skip_special_tokens=True))
-                for t, ids in zip(batch["task"].tolist(), tokens, strict=True)]
+        specs = [self.specs[int(t)] for t in batch["task"].tolist()]
+        return [s.task_kind.parse_answer(s, tokenizer.decode(ids, skip_special_tokens=True))
+                for s, ids in zip(specs, tokens, strict=True)]
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        kinds = [self.specs[t].extraction for t in batch["task"].tolist()]
+        kinds = [self.specs[t].task_kind.generates for t in batch["task"].tolist()]
         hits: list[bool] = [False] * len(kinds)
         if any(kinds):
             rows = [i for i, k in enumerate(kinds) if k]
             sub = select_rows(batch, rows)
-            for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_tuples(sub), sub["tuples"], strict=True):
-                hits[i] = self.tuple_counts[split][t].add(predicted, gold)
+            for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_answers(sub), sub["tuples"], strict=True):
+                hits[i] = self.answer_counts[split][t].add(predicted, gold)
         if not all(kinds):
             rows = [i for i, k in enumerate(kinds) if not k]
             sub = select_rows(batch, rows) if len(rows) < len(kinds) else batch
@@ -98,10 +105,10 @@ class LabelScoringModule(L.LightningModule):
     def _eval_epoch_end(self, split: str) -> None:
         """Computes per-task accuracy / macro-F1 (synced across ranks), keeps them in `self.results[split]`, logs them;
         after a test epoch keeps every rank's per-example correctness in `self.correct["test"]`."""
-        counts = self.tuple_counts[split]
-        if any(s.extraction for s in self.specs):  # every rank's counts, summed (one collective; none without any)
-            counts = [sum(c, TupleCounts()) for c in zip(*gather_records([counts]), strict=True)]
-        self.tuple_counts[split] = [TupleCounts() for _ in self.specs]
+        counts = self.answer_counts[split]
+        if any(s.task_kind.generates for s in self.specs):  # every rank's counts, summed (one collective; none without)
+            counts = [None if c[0] is None else sum(c[1:], c[0]) for c in zip(*gather_records([counts]), strict=True)]
+        self.answer_counts[split] = self._new_counts()
         if self.trainer.sanity_checking:  # a partial pass: nothing to report
             for metric in self.metrics[split]:
                 metric.reset()
@@ -116,14 +123,14 @@ class LabelScoringModule(L.LightningModule):
         for t, (spec, metric) in enumerate(zip(self.specs, self.metrics[split], strict=True)):
             if t not in present:  # decided from the whole split, so every rank computes (and syncs) the same tasks
                 continue
-            if spec.extraction:
+            if spec.task_kind.generates:
                 results[spec.name] = counts[t].scores()
             else:
                 values = metric.compute()
                 metric.reset()
                 results[spec.name] = {"acc": float(values["acc"]), "f1": float(values["f1"])}
-                results[spec.name]["metric"] = spec.metric_value(results[spec.name]["acc"], results[spec.name]["f1"],
-                                                                 values["class_f1"].tolist())
+                results[spec.name]["metric"] = spec.task_kind.metric_value(
+                    spec, results[spec.name]["acc"], results[spec.name]["f1"], values["class_f1"].tolist())
             # Already synced by torchmetrics, so equal on every rank: logged everywhere, callbacks (EarlyStopping,
             # ModelCheckpoint) see the same value on each rank.
             self.log(f"{split}/{spec.name}/acc", results[spec.name]["acc"], logger=self.log_eval_to_logger)
@@ -152,7 +159,7 @@ class LabelScoringModule(L.LightningModule):
         """Returns a record per example: its gold and predicted label with every label's score; for extraction tasks
         the gold and predicted answer texts (malformed: null), the predicted tuples, and the gold answer's
         log-likelihood as its one score ("gold")."""
-        kinds = [self.specs[t].extraction for t in batch["task"].tolist()]
+        kinds = [self.specs[t].task_kind.generates for t in batch["task"].tolist()]
         if any(kinds):
             if not all(kinds):
                 rows = [i for i, k in enumerate(kinds) if not k]
@@ -160,8 +167,10 @@ class LabelScoringModule(L.LightningModule):
                 return self.predict_step(select_rows(batch, rows), batch_idx) + self.predict_step(select_rows(batch, rest), batch_idx)
             gold_scores = score_labels(self.model, batch["prompt"], [[it[0]] for it in batch["answers"]], self.pad_id)
             records = []
-            for i, predicted in enumerate(self.generate_tuples(batch)):
-                records.append({"task": self.specs[int(batch["task"][i])].name, "id": batch["id"][i], "kind": "extraction",
+            for i, predicted in enumerate(self.generate_answers(batch)):
+                spec = self.specs[int(batch["task"][i])]
+                render = spec.task_kind.render
+                records.append({"task": spec.name, "id": batch["id"][i], "kind": spec.kind,
                                 "gold": render(batch["tuples"][i]),
                                 "prediction": None if predicted is None else render(predicted),
                                 "tuples": None if predicted is None else [list(t) for t in predicted],

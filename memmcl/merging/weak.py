@@ -19,6 +19,7 @@ import yaml
 
 from memmcl.experts.expert import gather_records, write_atomic, write_jsonl_atomic
 from memmcl.rundir import file_problem, file_sha, inside
+from memmcl.tasks.kinds import generated_record
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
 
@@ -72,7 +73,7 @@ def margin(record: dict) -> float:
     """Returns the gold label's score minus the best other label's: how narrowly the expert got an example right
     (an extraction record: the gold answer's log-likelihood)."""
     scores = record["scores"]
-    if record.get("kind") == "extraction":
+    if generated_record(record):
         return scores["gold"]
     gold = scores[record["gold"]]
     return gold - max(v for k, v in scores.items() if k != record["gold"])
@@ -81,7 +82,7 @@ def margin(record: dict) -> float:
 def gold_loss(record: dict) -> float:
     """Returns -log p(gold) under a softmax over the labels' scores (extraction: of the gold answer): the expert's loss
     on one example."""
-    if record.get("kind") == "extraction":
+    if generated_record(record):
         return -record["scores"]["gold"]
     scores = list(record["scores"].values())
     top = max(scores)
@@ -129,7 +130,7 @@ def select_weak(
     rows = []
     for r in sorted(chosen, key=lambda r: r["id"]):
         e = by_id[r["id"]]
-        label = [list(t) for t in e.tuples] if spec.extraction else spec.labels[e.label]
+        label = spec.task_kind.weak_label(spec, e)
         rows.append({"id": e.id, "text": e.text, "aspect": e.aspect, "label": label,
                      "prediction": r["prediction"], "margin": margin(r), "hash": content_hash(e.text, e.aspect)})
     test = test_hashes(spec)
@@ -153,7 +154,7 @@ def weak_spec(spec: TaskSpec, path: Path) -> TaskSpec:
     return dataclasses.replace(
         spec, splits={"validation": str(Path(path).resolve())}, format="jsonl", text_field="text", label_field="label",
         aspect_field="aspect" if spec.aspect_field else None, id_field="id", source=str(path), split_options={},
-        file_slots=spec.slots)
+        task_kind=spec.task_kind.as_written())
 
 
 def check_no_test_content(spec: TaskSpec, path: Path) -> None:

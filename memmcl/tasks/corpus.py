@@ -15,7 +15,7 @@ def embedded_corpus(seed: int = 0) -> list[str]:
     random from its task's answers (extraction tasks: a random sentence's tuples): the base learns the answer *format* (as an instruction-tuned LLM knows it)
     but no label, so its zero-shot accuracy stays at chance and experts have everything to learn.
     """
-    from memmcl.tasks.prompts import answer_text, prompt_body
+    from memmcl.tasks.prompts import prompt_body
 
     rng = random.Random(seed)
     texts: list[str] = []
@@ -25,7 +25,6 @@ def embedded_corpus(seed: int = 0) -> list[str]:
             examples = read_split(spec, split)
             for ex in examples:
                 texts.append(ex.text if ex.aspect is None else f"{ex.text} {ex.aspect}")
-                # extraction: another sentence's tuples (the answer format, not this sentence's answer)
-                answer = answer_text(spec, rng.choice(examples)) if spec.extraction else rng.choice(spec.answers)
+                answer = spec.task_kind.corpus_answer(spec, rng, examples)  # extraction: another sentence's tuples
                 texts.append(f"{prompt_body(spec, ex.text, ex.aspect, [])} {answer}")
     return texts

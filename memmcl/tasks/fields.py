@@ -12,10 +12,6 @@ import yaml
 
 GROUPS: tuple[str, ...] = ("SC", "ABSA", "MAST")
 FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "tsv", "semeval_xml", "tweeteval", "absa_lines")
-KINDS: tuple[str, ...] = ("classification", "extraction")
-# A task's standard metric: accuracy, macro-F1, F1 of one label `f1(irony)`, the mean F1 of labels
-# `mean_f1(against, favor)`, or exact-match micro-F1 over tuples (extraction tasks).
-METRIC = re.compile(r"accuracy|macro_f1|tuple_f1|(f1|mean_f1)\(([^()]+)\)")
 EMBEDDED_PREFIX = "embedded:"
 DATA_PREFIX = "data:"  # a split path inside the data folder (`data_dir` setting, $MEMMCL_DATA_DIR, ../shared/realdata)
 DATA_DIR_ENV = "MEMMCL_DATA_DIR"
@@ -45,13 +41,14 @@ class TaskError(ValueError):
 
 
 
+# The fields every task kind reads; a kind's own fields are its `keys` (`memmcl.tasks.kinds`).
 KEYS = {"name", "group", "instruction", "labels", "aliases", "format", "fields", "aspect_name", "splits", "semeval_unit",
-         "keep_conflict", "kind", "metric", "slots", "file_slots", "spans", "nullable", "slot_values", "unmatched_spans"}
+        "keep_conflict", "kind", "metric"}
 
 
 # Fields that hold one word or sentence, and a bound on the size of a whole spec: a YAML alias expanded many times
 # over (a "billion laughs" mapping inside a field) is an error naming the field, never a gigabyte string.
-STRING_FIELDS = ("group", "instruction", "format", "aspect_name", "semeval_unit", "kind", "metric", "unmatched_spans")
+STRING_FIELDS = ("group", "instruction", "format", "aspect_name", "semeval_unit", "kind", "metric")
 MAX_SPEC_NODES = 10_000
 MAX_SPEC_CHARS = 100_000
 
@@ -76,59 +73,6 @@ def check_size(data: dict, source: str) -> None:
                 raise TaskError(f"{source}: field '{key}' is too large (over {MAX_SPEC_NODES} values or "
                                 f"{MAX_SPEC_CHARS} characters in the spec, YAML aliases counted each time); expected a "
                                 f"task spec, not a data file")
-
-
-def default_metric(kind: str) -> str:
-    return "tuple_f1" if kind == "extraction" else "accuracy"
-
-
-def names_field(data: dict, key: str, source: str) -> tuple[str, ...]:
-    value = data.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise TaskError(f"{source}: field '{key}' must be a list of slot names, got {value!r}")
-    return tuple(v.strip() for v in value)
-
-
-def extraction_fields(data: dict, source: str, labels: list[str]) -> dict:
-    """Returns the checked extraction fields (kind, metric, slots, file_slots, spans, nullable, slot_values) of a spec."""
-    kind = data.get("kind", "classification")
-    if kind not in KINDS:
-        raise TaskError(f"{source}: field 'kind' is {kind!r}; expected one of {list(KINDS)}")
-    metric = str(data.get("metric", default_metric(kind)))
-    m = METRIC.fullmatch(metric)
-    if m is None or (kind == "extraction") != (metric == "tuple_f1"):
-        allowed = "tuple_f1" if kind == "extraction" else "accuracy, macro_f1, f1(<label>), mean_f1(<label>, ...)"
-        raise TaskError(f"{source}: field 'metric' is {metric!r}; a {kind} task takes {allowed}")
-    if m.group(2) and any(n.strip() not in labels for n in m.group(2).split(",")):
-        raise TaskError(f"{source}: field 'metric' is {metric!r}; its labels must be among {labels}")
-    extraction_keys = sorted(k for k in ("slots", "file_slots", "spans", "nullable", "slot_values", "unmatched_spans")
-                             if k in data)
-    if kind != "extraction":
-        if extraction_keys:
-            raise TaskError(f"{source}: field(s) {extraction_keys} belong to extraction tasks; set kind: extraction")
-        return {"kind": kind, "metric": metric}
-    slots = names_field(data, "slots", source)
-    if not slots or len(set(slots)) != len(slots):
-        raise TaskError(f"{source}: field 'slots' must list the tuple's distinct slot names (e.g. [aspect, sentiment])")
-    file_slots = names_field(data, "file_slots", source) or slots
-    spans, nullable = names_field(data, "spans", source), names_field(data, "nullable", source)
-    if sorted(file_slots) != sorted(slots):
-        raise TaskError(f"{source}: field 'file_slots' {list(file_slots)} must order the same slots as 'slots' {list(slots)}")
-    if not set(spans) <= set(slots) or "sentiment" in spans or not set(nullable) <= set(spans):
-        raise TaskError(f"{source}: fields 'spans' {list(spans)} / 'nullable' {list(nullable)}: expected span slots "
-                        f"among {list(slots)} (not sentiment), nullable ones among the spans")
-    values = data.get("slot_values") or {}
-    if not isinstance(values, dict) or any(k not in slots or k in spans or k == "sentiment" or not isinstance(v, list)
-                                           or not v for k, v in values.items()):
-        raise TaskError(f"{source}: field 'slot_values' must map non-span slots other than sentiment to lists of values")
-    if "aspect" in (data.get("fields") or {}):
-        raise TaskError(f"{source}: field 'fields.aspect': an extraction task finds its aspects; expected no aspect field")
-    unmatched = data.get("unmatched_spans", "error")
-    if unmatched not in ("error", "keep"):
-        raise TaskError(f"{source}: field 'unmatched_spans' is {unmatched!r}; expected error or keep")
-    return {"kind": kind, "metric": metric, "slots": slots, "file_slots": file_slots, "spans": spans,
-            "unmatched_spans": unmatched,
-            "nullable": nullable, "slot_values": {k: tuple(str(x) for x in v) for k, v in values.items()}}
 
 
 def check_fields(fields, where: str) -> dict:

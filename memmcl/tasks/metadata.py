@@ -72,15 +72,7 @@ def _percentile(values: list[int], q: float) -> float:
 def compute_metadata(spec: TaskSpec, splits: dict[str, list[Example]], tokenizer, duplicates: int = 0) -> TaskMetadata:
     """Returns the metadata of a task from its splits (features from train) and a tokenizer (input lengths)."""
     train = splits["train"]
-    labels = [e.label for e in train]
-    extra = {}
-    if spec.extraction:  # the sentiment slot's labels, counted over tuples
-        sentiment = spec.slots.index("sentiment") if "sentiment" in spec.slots else None
-        labels = [spec.labels.index(t[sentiment]) for e in train for t in e.tuples] if sentiment is not None else []
-        labels = labels or [0]
-        n_tuples = [len(e.tuples) for e in train]
-        extra = {"tuples_mean": sum(n_tuples) / len(train), "empty_share": n_tuples.count(0) / len(train),
-                 "answer_values_mean": sum(n_tuples) * len(spec.slots) / len(train)}
+    labels, extra = spec.task_kind.answer_stats(spec, train)  # extraction: the sentiment slot's, over tuples
     h, h_norm = label_entropy(labels, spec.n_classes)
     counts = Counter(labels)
     imbalance = max(counts.values()) / min(counts.values()) if len(counts) == spec.n_classes else math.inf

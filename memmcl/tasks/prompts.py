@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memmcl.tasks.extraction import render
 from memmcl.tasks.spec import Example, TaskError, TaskSpec
 
 
@@ -26,8 +25,8 @@ def _block(spec: TaskSpec, text: str, aspect: str | None, answer: str | None) ->
 
 
 def answer_text(spec: TaskSpec, example: Example) -> str:
-    """Returns the gold answer of an example: its label's answer word, or an extraction task's tuples as target text."""
-    return render(example.tuples) if spec.extraction else spec.answers[example.label]
+    """Returns the gold answer of an example as its task kind writes it (a label word, an extraction task's tuples)."""
+    return spec.task_kind.answer_text(spec, example)
 
 
 def uses_chat_template(tokenizer) -> bool:
@@ -42,8 +41,7 @@ def prompt_body(spec: TaskSpec, text: str, aspect: str | None, demos: list[Demon
 def _prompt_text(tokenizer, spec: TaskSpec, text: str, aspect: str | None, demos: list[Demonstration]) -> str:
     body = prompt_body(spec, text, aspect, demos)
     if uses_chat_template(tokenizer):
-        ask = "Answer in the format above." if spec.extraction else "Answer with one word."
-        messages = [{"role": "user", "content": body.removesuffix("Answer:").rstrip() + "\n" + ask}]
+        messages = [{"role": "user", "content": body.removesuffix("Answer:").rstrip() + "\n" + spec.task_kind.ask}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return body
 
@@ -57,7 +55,7 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 
 def target_ids(tokenizer, spec: TaskSpec, example: Example) -> list[int]:
-    """Returns an extraction example's answer ids: its target text, then the end-of-sequence token that stops
+    """Returns a generated task's answer ids (extraction): its target text, then the end-of-sequence token that stops
     generation."""
     return answer_ids(tokenizer, answer_text(spec, example)) + [tokenizer.eos_token_id]
 

@@ -12,7 +12,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from memmcl.tasks.extraction import check_tuples
 from memmcl.tasks.spec import FORMATS, Example, TaskError, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -39,25 +38,7 @@ def _record(spec: TaskSpec, row: dict, where: str, default_id: str) -> Example:
         raise TaskError(f"{where}: field '{spec.text_field}' is missing or empty; expected non-empty text")
     ident = row.get(spec.id_field) if spec.id_field else None
     ident = str(ident) if ident is not None else default_id
-    if spec.extraction:
-        if spec.label_field not in row or row[spec.label_field] is None:
-            raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected a list of tuples ({', '.join(spec.file_slots)})")
-        tuples = check_tuples(spec, row[spec.label_field], text, where, spec.file_slots)
-        return Example(id=ident, text=" ".join(text.split()), label=0, tuples=tuples)
-    if spec.label_field not in row or row[spec.label_field] is None:
-        raise TaskError(f"{where}: field '{spec.label_field}' is missing; expected one of {list(spec.labels)}")
-    label = str(row[spec.label_field]).strip()
-    label = spec.aliases.get(label, label)
-    if label not in spec.labels:
-        also = f" or an alias {sorted(spec.aliases)}" if spec.aliases else ""
-        raise TaskError(f"{where}: label '{label}' is not one of {list(spec.labels)}{also}")
-    aspect = None
-    if spec.aspect_field:
-        aspect = row.get(spec.aspect_field)
-        if not isinstance(aspect, str) or not aspect.strip():
-            raise TaskError(f"{where}: field '{spec.aspect_field}' is missing or empty; task '{spec.name}' needs an aspect")
-        aspect = aspect.strip()
-    return Example(id=ident, text=text.strip(), label=spec.labels.index(label), aspect=aspect)
+    return spec.task_kind.example(spec, row, text, ident, where)  # its answer, as the task's kind reads it
 
 
 def read_jsonl(spec: TaskSpec, path: Path) -> Iterator[Example]:
@@ -176,9 +157,8 @@ def _read_tweeteval_folder(spec: TaskSpec, path: Path, prefix: str, target: str 
 def read_absa_lines(spec: TaskSpec, path: Path) -> Iterator[Example]:
     """The line format of the public generative-ABSA corpora: `sentence####[tuples]`, tuples of words or of token
     indices (`([2], [5], 'NEG')`); a line with more `####` parts (tags) takes the first as the sentence and the last as
-    the tuples. Extraction tasks only."""
-    if not spec.extraction:
-        raise TaskError(f"{path}: format 'absa_lines' holds extraction tuples; task '{spec.name}' needs kind: extraction")
+    the tuples. Extraction tasks only (`memmcl.tasks.kinds.FORMAT_KINDS`)."""
+    spec.task_kind.check_format("absa_lines", f"{path}: format", spec.name)
     for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue

@@ -19,8 +19,6 @@ from memmcl.tasks.fields import (  # noqa: F401  (re-exported: the names a task 
     FORMATS,
     GROUPS,
     KEYS,
-    KINDS,
-    METRIC,
     NAME_RULE,
     STRING_FIELDS,
     TASK_NAME,
@@ -29,11 +27,10 @@ from memmcl.tasks.fields import (  # noqa: F401  (re-exported: the names a task 
     check_fields,
     check_size,
     default_data_dirs,
-    default_metric,
-    extraction_fields,
     resolve_data_dir,
     split_entry,
 )
+from memmcl.tasks.kinds import DEFAULT_KIND, TaskKind, kind_class, kind_keys, task_kind_class
 
 Group = Literal["SC", "ABSA", "MAST"]
 
@@ -52,7 +49,8 @@ class Example:
 @dataclass(frozen=True)
 class TaskSpec:
     """A sentiment task: its name (`TASK_NAME`), group, ordered labels with their answer words, instruction, file
-    format and splits."""
+    format and splits, its standard metric, and its task kind (`memmcl.tasks.kinds`: classification unless given),
+    which holds the fields only that kind reads."""
 
     name: str
     group: Group
@@ -71,35 +69,22 @@ class TaskSpec:
     source: str = "<memory>"
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # label value in a file -> label
     split_options: dict[str, dict] = field(default_factory=dict, hash=False)  # split -> its own format / fields
-    kind: Literal["classification", "extraction"] = "classification"
-    metric: str = "accuracy"  # `METRIC`
-    slots: tuple[str, ...] = ()  # extraction: the tuple's slots in answer order
-    file_slots: tuple[str, ...] = ()  # extraction: the slots' order in the files (default `slots`)
-    spans: tuple[str, ...] = ()  # extraction: slots whose values are words of the sentence
-    nullable: tuple[str, ...] = ()  # extraction: span slots that may be NULL (implicit)
-    slot_values: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)  # closed sets of other slots
-    unmatched_spans: Literal["error", "keep"] = "error"  # extraction: a gold span not in its sentence
+    metric: str = "accuracy"  # the kind's `check_metric` says which it takes
+    task_kind: TaskKind = field(default=None, hash=False)  # None: the default kind (classification)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
             raise TaskError(f"{self.source}: field 'name' is {self.name!r}; expected a task name of {NAME_RULE}")
+        if self.task_kind is None:
+            object.__setattr__(self, "task_kind", kind_class(DEFAULT_KIND)())
+
+    @property
+    def kind(self) -> str:
+        return self.task_kind.name
 
     @property
     def n_classes(self) -> int:
         return len(self.labels)
-
-    @property
-    def extraction(self) -> bool:
-        return self.kind == "extraction"
-
-    def metric_value(self, acc: float, macro_f1: float, class_f1: list[float]) -> float:
-        """Returns the task's standard metric of a classification result (see `METRIC`)."""
-        if self.metric == "accuracy":
-            return acc
-        if self.metric == "macro_f1":
-            return macro_f1
-        names = [n.strip() for n in METRIC.fullmatch(self.metric).group(2).split(",")]
-        return sum(class_f1[self.labels.index(n)] for n in names) / len(names)
 
     def split_path(self, split: str) -> Path:
         """Returns the file (or folder) of a split; `embedded:` paths point into the package's embedded suite."""
@@ -158,22 +143,18 @@ class TaskSpec:
         }
         if self.aliases:
             out["aliases"] = dict(self.aliases)
-        if self.metric != default_metric(self.kind):
+        if self.metric != self.task_kind.default_metric:
             out["metric"] = self.metric
-        if self.extraction:
-            out.update(kind=self.kind, slots=list(self.slots), spans=list(self.spans))
-            out["fields"] = {"text": self.text_field, "label": self.label_field, "id": self.id_field}
-            if self.file_slots != self.slots:
-                out["file_slots"] = list(self.file_slots)
-            if self.nullable:
-                out["nullable"] = list(self.nullable)
-            if self.unmatched_spans != "error":
-                out["unmatched_spans"] = self.unmatched_spans
-            if self.slot_values:
-                out["slot_values"] = {k: list(v) for k, v in self.slot_values.items()}
+        self.task_kind.to_dict(out)
         if self.format == "semeval_xml":  # (extraction tasks read no XML)
             out.update(semeval_unit=self.semeval_unit, keep_conflict=self.keep_conflict)
         return out
+
+
+def check_strings(data: dict, keys: tuple[str, ...], source: str) -> None:
+    for key in keys:
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            raise TaskError(f"{source}: field '{key}' is a {type(data[key]).__name__}; expected a string")
 
 
 def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.PathLike | None = None) -> TaskSpec:
@@ -184,16 +165,17 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     """
     if not isinstance(data, dict):
         raise TaskError(f"{source}: expected a mapping with fields {sorted(KEYS)}, got {type(data).__name__}")
-    unknown = set(data) - KEYS
+    owners = kind_keys()
+    unknown = set(data) - KEYS - set(owners)
     if unknown:
-        raise TaskError(f"{source}: unknown field(s) {sorted(unknown)}; expected some of {sorted(KEYS)}")
+        raise TaskError(f"{source}: unknown field(s) {sorted(unknown)}; expected some of {sorted(KEYS | set(owners))}")
     check_size(data, source)
     for key in ("name", "group", "instruction", "labels", "splits"):
         if not data.get(key):
             raise TaskError(f"{source}: field '{key}' is missing or empty")
-    for key in STRING_FIELDS:
-        if key in data and data[key] is not None and not isinstance(data[key], str):
-            raise TaskError(f"{source}: field '{key}' is a {type(data[key]).__name__}; expected a string")
+    check_strings(data, STRING_FIELDS, source)
+    kind = task_kind_class(data.get("kind", DEFAULT_KIND), source)
+    check_strings(data, kind.string_keys, source)
     if isinstance(data["name"], bool) or not isinstance(data["name"], str | int):
         raise TaskError(f"{source}: field 'name' is a {type(data['name']).__name__}; expected a task name of {NAME_RULE}")
     if data["group"] not in GROUPS:
@@ -201,6 +183,10 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     fmt = data.get("format", "jsonl")
     if fmt not in FORMATS:
         raise TaskError(f"{source}: field 'format' is '{fmt}'; expected one of {list(FORMATS)}")
+    kind.check_format(fmt, f"{source}: field 'format'", str(data["name"]))
+    foreign = sorted(k for k in data if k in owners and owners[k] != kind.name)
+    if foreign:
+        raise TaskError(f"{source}: field(s) {foreign} belong to {owners[foreign[0]]} tasks; set kind: {owners[foreign[0]]}")
     labels = data["labels"]
     if not isinstance(labels, dict) or len(labels) < 2:
         raise TaskError(f"{source}: field 'labels' must map at least two label names to answer words")
@@ -224,10 +210,14 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     for alias, target in aliases.items():
         if isinstance(alias, bool) or str(target) not in label_names:
             raise TaskError(f"{source}: field 'aliases': {alias!r} -> {target!r}; expected a quoted value -> one of {label_names}")
+    metric = str(data.get("metric", kind.default_metric))
+    kind.check_metric(metric, label_names, source)
     folder = resolve_data_dir(data_dir)
     splits = {str(k): split_entry(str(k), v, source, folder) for k, v in data["splits"].items()}
+    for k, (_, options) in splits.items():
+        if "format" in options:
+            kind.check_format(options["format"], f"{source}: field 'splits.{k}.format'", str(data["name"]))
     aspect_field = fields.get("aspect")
-    extraction = extraction_fields(data, source, label_names)
     return TaskSpec(
         name=str(data["name"]),
         group=data["group"],
@@ -246,7 +236,8 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
         source=source,
         aliases={str(k): str(v) for k, v in aliases.items()},
         split_options={k: options for k, (_, options) in splits.items() if options},
-        **extraction,
+        metric=metric,
+        task_kind=kind.from_fields(data, source, label_names),
     )
 
 
