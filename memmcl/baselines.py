@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.callbacks.curriculum import CurriculumSampler
 from memmcl.roster import variant_name
-from memmcl.rundir import config_hash, write_atomic
+from memmcl.rundir import added_settings, config_hash, write_atomic
 from memmcl.workers import run_in_workers
 
 if TYPE_CHECKING:
@@ -33,9 +33,7 @@ MULTITASK_OUTPUTS = ("test.json", "correct.json", "expert/expert.yaml", "expert/
 
 def multitask_key(p: RunContext, pacing: str, order: list[str], data_hash: str) -> str:
     expert = {k: v for k, v in p.expert_settings().items() if k not in ("stop_at_accuracy", "max_epochs")}
-    settings = {k: v for k, v in asdict(p.multitask).items() if k != "pacings"}
-    if settings["batch_size"] is None:  # unset: keys as before the option
-        del settings["batch_size"]
+    settings = added_settings({k: v for k, v in asdict(p.multitask).items() if k != "pacings"}, batch_size=None)
     return config_hash([p.backbone, p.numerics, p.seed, p.max_length, p.max_eval_examples, p.eval_batch_size, expert,
                         settings, pacing, order if pacing != "none" else None, data_hash])
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 
 from memmcl.experts.expert_io import check_expert_dir
-from memmcl.rundir import clear, config_hash, write_json
+from memmcl.rundir import added_setting, clear, config_hash, write_json
 
 if TYPE_CHECKING:
     from memmcl.run import RunContext
@@ -25,8 +25,8 @@ EXPERT_OUTPUTS = ("metrics.json", "expert/expert.yaml", "expert/adapter_config.j
 def expert_key(p: RunContext, spec: TaskSpec) -> str:
     """The expert phase's key: the expert settings, the task's spec and its training and validation data."""
     settings = p.expert_settings()
-    capped = [p.max_eval_examples] if p.max_eval_examples else []
-    return config_hash([p.backbone, p.numerics, p.seed, p.max_length, *capped, settings, spec.to_dict(),
+    return config_hash([p.backbone, p.numerics, p.seed, p.max_length, *added_setting(p.max_eval_examples, None),
+                        settings, spec.to_dict(),
                         spec.data_hash(("train", "validation"))])
 
 

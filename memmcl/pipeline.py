@@ -44,6 +44,7 @@ from memmcl.precision import resolve_precision
 from memmcl.run import PHASE_FILE, RunContext  # noqa: F401  (PHASE_FILE re-exported)
 from memmcl.rundir import (  # noqa: F401  (config_hash re-exported)
     RunLock,
+    added_setting,
     clear,
     config_hash,
     file_problem,
@@ -149,11 +150,9 @@ class Pipeline(RunContext):
     def data_phase(self) -> dict:
         """Per-task metadata (class counts, label entropy, input length, lexical diversity) into data/metadata.json."""
         out = inside(self.run_dir, "data")
-        capped = [self.max_eval_examples] if self.max_eval_examples else []  # unset: keys as before the option
-        if self.merge.on_test_overlap != "error":  # the data check's setting (the default keeps earlier keys)
-            capped.append(self.merge.on_test_overlap)
-        if self.seed:  # the training sample is the experts' (seed 0 keeps earlier keys)
-            capped.append({"seed": self.seed})
+        # the evaluation cap, the data check's setting, the seed of the experts' training sample (`added_setting`)
+        capped = [*added_setting(self.max_eval_examples, None), *added_setting(self.merge.on_test_overlap, "error"),
+                  *added_setting(self.seed, 0, "seed")]
         key = config_hash([self.backbone, self.max_length, self.expert.max_train_examples, *capped,
                            [(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in self.specs]])
         if marker := self.done(out, key, ("metadata.json",)):

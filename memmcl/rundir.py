@@ -273,6 +273,18 @@ def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# A setting added to a phase's key after runs existed enters the key only when it is not at its default, so a run
+# directory made before the setting existed keeps its keys and is resumed, not redone. The one rule, for both forms:
+def added_setting(value, default, name: str | None = None) -> list:
+    """Returns the key's part for a setting added later: [] at `default`, else [value] ({name: value} if named)."""
+    return [] if value == default else [{name: value} if name else value]
+
+
+def added_settings(settings: dict, **defaults) -> dict:
+    """Returns `settings` without the later-added ones (`defaults`: name -> default) that are at their default."""
+    return {k: v for k, v in settings.items() if not (k in defaults and v == defaults[k])}
+
+
 def write_json(path: Path, data) -> None:
     """Writes JSON atomically, on rank 0 only (every rank of a DDP run computes the same record)."""
     from lightning.pytorch.utilities import rank_zero_only

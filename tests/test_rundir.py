@@ -180,3 +180,14 @@ def test_the_trainer_section_takes_lightnings_own_arguments(tmp_path):
     assert expert_key(run, run.specs[0]) != expert_key(plain, plain.specs[0])  # it changes what an expert learns
     with pytest.raises(PipelineError, match=r"^trainer: .*num_nodes"):
         Pipeline(name="r", root=str(tmp_path), tasks=["sc_binary"], trainer=TrainerConfig(num_nodes=0))
+
+
+def test_a_setting_added_later_keeps_earlier_keys_at_its_default():
+    from memmcl.rundir import added_setting, added_settings, config_hash
+
+    before = config_hash(["backbone", {"lr": 0.1}])
+    assert config_hash(["backbone", *added_setting(None, None), {"lr": 0.1}]) == before
+    assert config_hash(["backbone", *added_setting(7, None), {"lr": 0.1}]) != before
+    assert added_setting(3, 0, "seed") == [{"seed": 3}] and added_setting(0, 0, "seed") == []
+    assert added_settings({"lr": 0.1, "batch_size": None}, batch_size=None) == {"lr": 0.1}
+    assert added_settings({"lr": 0.1, "batch_size": 4}, batch_size=None) == {"lr": 0.1, "batch_size": 4}
