@@ -5,7 +5,8 @@
 - `train_step`: one LoRA training step (r=8 on all seven projections, dropout 0.05, AdamW; `answer_loss`, the shared
   prefix encoded once) on 8 training prompts of the embedded suite: the pipeline's experts. float32 is today's path;
   bf16-mixed is the backbone's frozen weights in bfloat16 under `torch.autocast("cpu", torch.bfloat16)` (what
-  Lightning's bf16-mixed plugin wraps each step in), LoRA weights and AdamW state float32. Tokens/s counts the batch's
+  Lightning's bf16-mixed plugin wraps each step in), LoRA weights and AdamW state float32, LoRA inputs left to
+  autocast (`set_input_casting`, as `LoRAExpert` does under mixed precision). Tokens/s counts the batch's
   real tokens; FLOP/s counts every matmul's FLOPs (`torch.utils.flop_counter`) over the step's time.
 - `scoring`: label scoring (`score_labels`, batch 32) of test prompts of three embedded tasks, float32 against
   bfloat16 weights under autocast; with the agreement of predictions and the largest score difference.
@@ -29,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS
+from memmcl.experts.expert import DEFAULT_TARGETS, set_input_casting
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, score_labels
 from memmcl.precision import cpu_bf16_flags
 from memmcl.rundir import quiet_libraries
@@ -62,7 +63,9 @@ def lora_model(dtype: str):
 
     model, _ = load_backbone(BACKBONE, dtype)
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(DEFAULT_TARGETS)))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(DEFAULT_TARGETS)))
+    set_input_casting(model, dtype == "float32")  # as LoRAExpert.setup: autocast casts the LoRA inputs itself
+    return model
 
 
 def main(rounds: int = 3) -> None:

@@ -82,3 +82,31 @@ def test_bf16_pipeline_end_to_end(tmp_path, tiny_dir):
     assert not search.model.folded  # bf16 merges are scored unfolded
     for model in ("base", "expert", "uniform", "evolved_global"):
         assert set(results["models"][model]) == {"sc_binary", "irony"}
+
+
+@pytest.mark.parametrize("trainer_precision, dtype, casts", [("bf16-mixed", "bfloat16", False), ("32-true", "float32", True)])
+def test_lora_inputs_are_cast_only_outside_autocast(tmp_path, tiny_dir, trainer_precision, dtype, casts):
+    """Under bf16-mixed a LoRA layer's input stays bfloat16 (autocast casts each matmul's operands): the same outputs
+    as peft's cast to the float32 LoRA weights, without the copy; in float32 nothing changes."""
+    import lightning as L
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from memmcl.datamodule import MultiTaskDataModule
+    from memmcl.experts.expert import LoRAExpert, set_input_casting
+
+    dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=64, batch_size=4, max_train_examples=8,
+                             max_eval_examples=8)
+    expert = LoRAExpert(backbone=str(tiny_dir), dtype=dtype, lora_r=2, lora_alpha=4, export_dir=str(tmp_path / "e"))
+    L.Trainer(max_steps=2, precision=trainer_precision, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              limit_val_batches=0).fit(expert, dm)
+    layers = [m for m in expert.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and {m.cast_input_dtype_enabled for m in layers} == {casts}
+    assert {p.dtype for p in expert.model.parameters() if p.requires_grad} == {torch.float32}
+    expert.eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not casts):
+        own = expert.model(input_ids=ids).logits
+        set_input_casting(expert.model, True)
+        cast = expert.model(input_ids=ids).logits
+    assert torch.equal(own, cast)

@@ -81,6 +81,10 @@ class LoRAExpert(LabelScoringModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        set_input_casting(self.model, not str(self.trainer.precision).endswith("-mixed"))
+
     @classmethod
     def from_settings(cls, e, backbone: str, dtype: str, seed: int, export_dir: str) -> LoRAExpert:
         """A fresh expert from the pipeline's `expert` settings (`memmcl.settings.ExpertConfig`, resolved)."""
@@ -126,6 +130,17 @@ class LoRAExpert(LabelScoringModule):
 
         atomic_save_dir(out_dir, write, replace=True)
         return out_dir
+
+
+def set_input_casting(model: torch.nn.Module, enabled: bool) -> None:
+    """Sets whether peft casts each LoRA layer's input to its LoRA weights' dtype. Under mixed precision (autocast)
+    every matmul casts its operands itself, so the cast of a bfloat16 input to the float32 LoRA weights is a copy (and
+    a float32 dropout) that autocast casts straight back: 13% of a bf16-mixed SmolLM2 LoRA step (docs/benchmarks.md)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[LoRAExpert, list[TaskSpec]]:
