@@ -231,3 +231,18 @@ def test_ddp_search_equals_one_process(experts, tmp_path):
         results[devices] = yaml.safe_load((out / GENOME_FILE).read_text())
     assert results[2]["stages"] == results[1]["stages"]
     assert results[2]["coefficients"] == results[1]["coefficients"]
+
+
+def test_weak_data_is_mined_again_for_another_seed(experts, tmp_path):
+    """The seed samples the weak rows: weak data of seed 3 is not reused by seed 0, nor seed 0's by seed 3."""
+    def entries(seed):
+        search(experts, tmp_path, seed=seed, min_weak_examples=40, max_weak_examples=8).mine_weak_data(trainer())
+        summary = yaml.safe_load((tmp_path / "weak" / "summary.yaml").read_text())
+        rows = {t: (tmp_path / "weak" / f"{t}.jsonl").read_text() for t in TASKS}
+        return {t: summary[t].get("seed") for t in TASKS}, rows
+
+    seeds, rows3 = entries(3)
+    assert seeds == dict.fromkeys(TASKS, 3)
+    seeds, rows0 = entries(0)
+    assert seeds == dict.fromkeys(TASKS, None) and rows0 != rows3  # mined again, another sample
+    assert entries(3) == (dict.fromkeys(TASKS, 3), rows3)

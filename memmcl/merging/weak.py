@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from memmcl.experts.expert import gather_records, write_atomic, write_jsonl_atomic
-from memmcl.rundir import file_problem, file_sha, inside
+from memmcl.rundir import added_settings, file_problem, file_sha, inside
 from memmcl.tasks.kinds import generated_record
 from memmcl.tasks.readers import read_split
 from memmcl.tasks.spec import Example, TaskSpec
@@ -192,6 +192,9 @@ def read_summary(path: Path) -> dict:
     return {t: e for t, e in data.items() if summary_problem({t: e}, [t]) is None}
 
 
+WEAK_DEFAULTS = {"seed": 0}  # settings of the weak data's key added after runs existed, at their default
+
+
 def mine_weak_data(search: MergeScorer, trainer: L.Trainer, progress: bool = False) -> list[TaskSpec]:
     """Writes each expert's weak data (its mispredicted training examples) and its loss on every training example
     (`<task>.example_loss.json`, the per-example difficulty of curriculum demonstrations) unless already there
@@ -209,12 +212,17 @@ def mine_weak_data(search: MergeScorer, trainer: L.Trainer, progress: bool = Fal
     for t, (spec, path) in enumerate(zip(search.expert_specs, search.expert_dirs, strict=True)):
         out = inside(weak_dir, f"{spec.name}.jsonl")
         fingerprint = file_sha(path / "adapter_model.safetensors")
-        key = {"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
-               "min_weak_examples": search.hparams.min_weak_examples, "anchor_ratio": search.hparams.weak_anchor_ratio,
-               "max_train_examples": search.hparams.max_train_examples}
+        # the seed samples the rows (`select_weak`); at 0 it stays out, so summaries written before it still match
+        key = added_settings({"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
+                              "min_weak_examples": search.hparams.min_weak_examples,
+                              "anchor_ratio": search.hparams.weak_anchor_ratio,
+                              "max_train_examples": search.hparams.max_train_examples, "seed": search.hparams.seed},
+                             **WEAK_DEFAULTS)
         loss_path = inside(weak_dir, f"{spec.name}.example_loss.json")
         whole = file_problem(out) is None and file_problem(loss_path) is None
-        if not (whole and all(summary.get(spec.name, {}).get(k) == v for k, v in key.items())):
+        stored = summary.get(spec.name, {})
+        if not (whole and all(stored.get(k, WEAK_DEFAULTS.get(k)) == key.get(k, WEAK_DEFAULTS.get(k))
+                              for k in {*key, *WEAK_DEFAULTS})):
             onehot = torch.zeros(search.model.n_experts)
             onehot[t] = 1.0
             search.set_coefficients(onehot)
