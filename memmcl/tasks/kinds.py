@@ -7,7 +7,7 @@ every question the rest of the code asks of a task's answers:
 - `from_fields(data, source, labels)`: its own fields of a spec mapping, checked (errors name the file and field),
   and `to_dict(out)`: writes them back; `keys` lists them, `string_keys` those that must be strings;
   `check_metric(metric, labels, source)`: the metrics it allows, `default_metric` the one it takes unset;
-  `formats`: the file formats it reads (None: every format but those other kinds own, `FORMAT_KINDS`);
+  `check_format(fmt, where, name)`: a file format that holds another kind's answers (`FORMAT_KINDS`) is refused;
 - `example(spec, row, text, ident, where)`: one file row as an `Example`; `answer_text(spec, example)`: its gold
   answer as text; `ask`: the last line of a chat prompt;
 - `answer_stats(spec, train)`: the label list that label entropy and imbalance count, and the answer-size features
