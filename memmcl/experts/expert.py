@@ -135,7 +135,8 @@ class LoRAExpert(LabelScoringModule):
 def set_input_casting(model: torch.nn.Module, enabled: bool) -> None:
     """Sets whether peft casts each LoRA layer's input to its LoRA weights' dtype. Under mixed precision (autocast)
     every matmul casts its operands itself, so the cast of a bfloat16 input to the float32 LoRA weights is a copy (and
-    a float32 dropout) that autocast casts straight back: 13% of a bf16-mixed SmolLM2 LoRA step (docs/benchmarks.md)."""
+    a float32 dropout) that autocast casts straight back: 4% of a bf16-mixed SmolLM2 LoRA step on a quiet machine, 13%
+    on a loaded one (docs/benchmarks.md)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
