@@ -97,15 +97,23 @@ def test_lora_inputs_are_cast_only_outside_autocast(tmp_path, tiny_dir, trainer_
     dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=64, batch_size=4, max_train_examples=8,
                              max_eval_examples=8)
     expert = LoRAExpert(backbone=str(tiny_dir), dtype=dtype, lora_r=2, lora_alpha=4, export_dir=str(tmp_path / "e"))
+    layers = [m for m in expert.model.modules() if isinstance(m, BaseTunerLayer)]
+    seen = set()
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, *args):
+            seen.update(m.cast_input_dtype_enabled for m in layers)
+
     L.Trainer(max_steps=2, precision=trainer_precision, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-              limit_val_batches=0).fit(expert, dm)
-    layers = [m for m in expert.model.modules() if isinstance(m, BaseTunerLayer)]
-    assert layers and {m.cast_input_dtype_enabled for m in layers} == {casts}
+              limit_val_batches=0, callbacks=[Watch()]).fit(expert, dm)
+    assert layers and seen == {casts}  # during training
+    assert {m.cast_input_dtype_enabled for m in layers} == {True}  # after it, outside autocast, peft casts again
     assert {p.dtype for p in expert.model.parameters() if p.requires_grad} == {torch.float32}
     expert.eval()
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not casts):
+        set_input_casting(expert.model, casts)
         own = expert.model(input_ids=ids).logits
         set_input_casting(expert.model, True)
         cast = expert.model(input_ids=ids).logits

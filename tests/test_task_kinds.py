@@ -138,3 +138,24 @@ def test_no_module_outside_the_kinds_names_a_task_kind():
                 found.append(f"{rel}:{node.lineno} reads .{node.attr}")
     assert not found, "\n".join(found)
     assert issubclass(kinds.kind_class("extraction"), TaskKind)
+
+
+def test_a_broken_registry_entry_and_a_direct_spec(monkeypatch):
+    from memmcl.tasks.extraction import Extraction
+    from memmcl.tasks.spec import TaskSpec
+
+    monkeypatch.setitem(KINDS, "ranking", "no_such_module:Ranking")
+    kinds.kind_class.cache_clear()
+    try:
+        with pytest.raises(TaskError, match=r"task kind 'ranking': its registry entry 'no_such_module:Ranking' does not load"):
+            spec_from_dict({"name": "t", "group": "SC", "instruction": "x", "labels": {"a": "a", "b": "b"},
+                            "splits": {"train": "x.jsonl"}})
+    finally:
+        monkeypatch.delitem(KINDS, "ranking")
+        kinds.kind_class.cache_clear()
+    # a spec built in code takes its kind's default metric, and round-trips
+    spec = TaskSpec(name="u", group="ABSA", labels=("negative", "positive"), answers=("negative", "positive"),
+                    instruction="List pairs.", splits={"train": "x.jsonl"},
+                    task_kind=Extraction(slots=("aspect", "sentiment"), file_slots=("aspect", "sentiment"),
+                                         spans=("aspect",)))
+    assert spec.metric == "tuple_f1" and spec_from_dict(spec.to_dict()).task_kind == spec.task_kind

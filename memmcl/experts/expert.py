@@ -85,6 +85,10 @@ class LoRAExpert(LabelScoringModule):
         super().setup(stage)
         set_input_casting(self.model, not str(self.trainer.precision).endswith("-mixed"))
 
+    def teardown(self, stage: str) -> None:
+        set_input_casting(self.model, True)  # outside the trainer's autocast the model casts its LoRA inputs again
+        super().teardown(stage)
+
     @classmethod
     def from_settings(cls, e, backbone: str, dtype: str, seed: int, export_dir: str) -> LoRAExpert:
         """A fresh expert from the pipeline's `expert` settings (`memmcl.settings.ExpertConfig`, resolved)."""

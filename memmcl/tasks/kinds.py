@@ -67,9 +67,12 @@ class TaskKind:
 
 @cache
 def kind_class(name: str) -> type[TaskKind]:
-    """Returns the registered kind class `name`."""
+    """Returns the registered kind class `name`; an entry that does not load is an error naming it."""
     module, _, attr = KINDS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise TaskError(f"task kind {name!r}: its registry entry {KINDS[name]!r} does not load ({err})") from None
 
 
 def task_kind_class(name, source: str) -> type[TaskKind]:
@@ -79,9 +82,13 @@ def task_kind_class(name, source: str) -> type[TaskKind]:
     return kind_class(name)
 
 
-def kind_keys() -> dict[str, str]:
-    """Returns every kind's own spec fields, field -> kind."""
-    return {key: name for name in KINDS for key in kind_class(name).keys}
+def kind_keys() -> dict[str, list[str]]:
+    """Returns every kind's own spec fields, field -> the kinds that read it."""
+    out: dict[str, list[str]] = {}
+    for name in KINDS:
+        for key in kind_class(name).keys:
+            out.setdefault(key, []).append(name)
+    return out
 
 
 def generated_record(record: dict) -> bool:

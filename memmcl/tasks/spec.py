@@ -69,7 +69,7 @@ class TaskSpec:
     source: str = "<memory>"
     aliases: dict[str, str] = field(default_factory=dict, hash=False)  # label value in a file -> label
     split_options: dict[str, dict] = field(default_factory=dict, hash=False)  # split -> its own format / fields
-    metric: str = "accuracy"  # the kind's `check_metric` says which it takes
+    metric: str | None = None  # None: the kind's default metric; its `check_metric` says which it takes
     task_kind: TaskKind = field(default=None, hash=False)  # None: the default kind (classification)
 
     def __post_init__(self) -> None:
@@ -77,6 +77,8 @@ class TaskSpec:
             raise TaskError(f"{self.source}: field 'name' is {self.name!r}; expected a task name of {NAME_RULE}")
         if self.task_kind is None:
             object.__setattr__(self, "task_kind", kind_class(DEFAULT_KIND)())
+        if self.metric is None:
+            object.__setattr__(self, "metric", self.task_kind.default_metric)
 
     @property
     def kind(self) -> str:
@@ -163,9 +165,9 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     Split paths are resolved here: relative ones against the spec file's folder, `data:` ones inside the data folder
     (`resolve_data_dir(data_dir)`), so a spec reads the same files from any working directory.
     """
-    if not isinstance(data, dict):
-        raise TaskError(f"{source}: expected a mapping with fields {sorted(KEYS)}, got {type(data).__name__}")
     owners = kind_keys()
+    if not isinstance(data, dict):
+        raise TaskError(f"{source}: expected a mapping with fields {sorted(KEYS | set(owners))}, got {type(data).__name__}")
     unknown = set(data) - KEYS - set(owners)
     if unknown:
         raise TaskError(f"{source}: unknown field(s) {sorted(unknown)}; expected some of {sorted(KEYS | set(owners))}")
@@ -184,9 +186,10 @@ def spec_from_dict(data: dict, source: str = "<memory>", data_dir: str | os.Path
     if fmt not in FORMATS:
         raise TaskError(f"{source}: field 'format' is '{fmt}'; expected one of {list(FORMATS)}")
     kind.check_format(fmt, f"{source}: field 'format'", str(data["name"]))
-    foreign = sorted(k for k in data if k in owners and owners[k] != kind.name)
+    foreign = sorted(k for k in data if k in owners and kind.name not in owners[k])
     if foreign:
-        raise TaskError(f"{source}: field(s) {foreign} belong to {owners[foreign[0]]} tasks; set kind: {owners[foreign[0]]}")
+        owner = owners[foreign[0]][0]
+        raise TaskError(f"{source}: field(s) {foreign} belong to {' / '.join(owners[foreign[0]])} tasks; set kind: {owner}")
     labels = data["labels"]
     if not isinstance(labels, dict) or len(labels) < 2:
         raise TaskError(f"{source}: field 'labels' must map at least two label names to answer words")
