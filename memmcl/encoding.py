@@ -26,7 +26,7 @@ def encode_examples(tokenizer, spec: TaskSpec, task_index: int, examples: list[E
         if generates:  # one answer, the target: training and the gold score use it, evaluation generates
             target = target_ids(tokenizer, spec, e)
             items.append({"task": task_index, "id": e.id, "label": 0, "answers": [target], "demos": len(demos),
-                          "prompt": build_prompt(tokenizer, spec, e, length, demos, len(target)), "tuples": e.tuples,
+                          "prompt": build_prompt(tokenizer, spec, e, length, demos, len(target)), "gold": spec.task_kind.gold(e),
                           "max_new": max_new_tokens})
             continue
         items.append({"task": task_index, "id": e.id, "label": e.label, "answers": answers, "demos": len(demos),
@@ -61,6 +61,6 @@ def collate(items: list[dict], pad_id: int) -> dict:
         "id": [it["id"] for it in items],
         "prompt": [it["prompt"] for it in items],
         "answers": [it["answers"] for it in items],
-        "tuples": [it.get("tuples") for it in items],
+        "gold": [it.get("gold") for it in items],  # a generated task's gold answer (its kind's `gold`)
         "max_new": [it.get("max_new", 0) for it in items],
     }

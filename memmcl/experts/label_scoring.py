@@ -88,7 +88,7 @@ class LabelScoringModule(L.LightningModule):
         if any(kinds):
             rows = [i for i, k in enumerate(kinds) if k]
             sub = select_rows(batch, rows)
-            for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_answers(sub), sub["tuples"], strict=True):
+            for i, t, predicted, gold in zip(rows, sub["task"].tolist(), self.generate_answers(sub), sub["gold"], strict=True):
                 hits[i] = self.answer_counts[split][t].add(predicted, gold)
         if not all(kinds):
             rows = [i for i, k in enumerate(kinds) if not k]
@@ -171,9 +171,9 @@ class LabelScoringModule(L.LightningModule):
                 spec = self.specs[int(batch["task"][i])]
                 render = spec.task_kind.render
                 records.append({"task": spec.name, "id": batch["id"][i], "kind": spec.kind,
-                                "gold": render(batch["tuples"][i]),
+                                "gold": render(batch["gold"][i]),
                                 "prediction": None if predicted is None else render(predicted),
-                                "tuples": None if predicted is None else [list(t) for t in predicted],
+                                **spec.task_kind.prediction_fields(predicted),
                                 "scores": {"gold": float(gold_scores[i, 0])}})
             return records
         scores = self.predict_scores(batch)

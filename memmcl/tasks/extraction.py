@@ -150,6 +150,14 @@ class Extraction(TaskKind):
 
     render = staticmethod(render)
 
+    def gold(self, example: Example) -> tuple[Tuple, ...]:
+        """The gold answer that `counts().add` compares a parsed answer with: the example's tuples."""
+        return example.tuples
+
+    def prediction_fields(self, predicted: tuple[Tuple, ...] | None) -> dict:
+        """What a prediction record holds besides the answer texts: the parsed tuples (None: malformed)."""
+        return {"tuples": None if predicted is None else [list(t) for t in predicted]}
+
     def counts(self) -> TupleCounts:
         return TupleCounts()
 

@@ -16,8 +16,9 @@ every question the rest of the code asks of a task's answers:
 - `corpus_answer(spec, rng, examples)`: the answer the tiny backbone's corpus draws for a prompt;
 - `generates`: how it is evaluated. False: every label word is scored (`metric_value(spec, acc, macro_f1,
   class_f1)` gives the task's metric); True: greedy generation, read back by `parse_answer(spec, text)` and counted
-  by `counts()` (an accumulator with `add(predicted, gold) -> exact`, `+` and `scores()`), `render` writing gold and
-  predicted answers as text.
+  by `counts()` (an accumulator with `add(predicted, gold) -> exact`, `+` and `scores()`) against `gold(example)`,
+  `render` writing gold and predicted answers as text and `prediction_fields(predicted)` what else a prediction
+  record holds.
 
 Adding a kind is a module with a `TaskKind` subclass plus one line in `KINDS` (a class path, as Lightning's
 `class_path`: the kinds' modules read specs, so the spec layer loads them by name).
