@@ -212,17 +212,15 @@ def mine_weak_data(search: MergeScorer, trainer: L.Trainer, progress: bool = Fal
     for t, (spec, path) in enumerate(zip(search.expert_specs, search.expert_dirs, strict=True)):
         out = inside(weak_dir, f"{spec.name}.jsonl")
         fingerprint = file_sha(path / "adapter_model.safetensors")
-        # the seed samples the rows (`select_weak`); at 0 it stays out, so summaries written before it still match
-        key = added_settings({"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
-                              "min_weak_examples": search.hparams.min_weak_examples,
-                              "anchor_ratio": search.hparams.weak_anchor_ratio,
-                              "max_train_examples": search.hparams.max_train_examples, "seed": search.hparams.seed},
-                             **WEAK_DEFAULTS)
+        settings = {"fingerprint": fingerprint, "max_weak_examples": search.hparams.max_weak_examples,
+                    "min_weak_examples": search.hparams.min_weak_examples, "anchor_ratio": search.hparams.weak_anchor_ratio,
+                    "max_train_examples": search.hparams.max_train_examples, "seed": search.hparams.seed}
+        # the seed samples the rows (`select_weak`); at 0 it is not written, so summaries written before it still match
+        key = added_settings(settings, **WEAK_DEFAULTS)
         loss_path = inside(weak_dir, f"{spec.name}.example_loss.json")
         whole = file_problem(out) is None and file_problem(loss_path) is None
-        stored = summary.get(spec.name, {})
-        if not (whole and all(stored.get(k, WEAK_DEFAULTS.get(k)) == key.get(k, WEAK_DEFAULTS.get(k))
-                              for k in {*key, *WEAK_DEFAULTS})):
+        stored = {**WEAK_DEFAULTS, **summary.get(spec.name, {})}
+        if not (whole and all(stored.get(k) == v for k, v in settings.items())):
             onehot = torch.zeros(search.model.n_experts)
             onehot[t] = 1.0
             search.set_coefficients(onehot)
