@@ -74,8 +74,8 @@ def eval_phase(p: RunContext, merge_key: str, record: dict, difficulty: dict, me
     models.update({name: c for name, c in merges.items() if name.startswith("evolved_") and name != FINAL})
     models[FINAL] = merges[FINAL]
 
-    def dm(specs, **kw):
-        return p.datamodule(specs, max_train_examples=None, **kw)  # demonstrations come from the whole training set
+    def dm(specs, **kw):  # demonstrations come from the whole training set; only test prompts are encoded
+        return p.datamodule(specs, max_train_examples=None, encode_splits=["test"], **kw)
 
     results: dict[str, dict] = {}
     draws: dict[str, list[dict]] = {}  # model -> per demonstration draw (one without) {task: {example id: correct}}
@@ -101,8 +101,7 @@ def eval_phase(p: RunContext, merge_key: str, record: dict, difficulty: dict, me
                 data = dm(p.specs, max_length=p.demos.max_length, demonstrations=p.demos.k, demo_order=order,
                           demo_scope=p.demos.scope, demo_fixed=p.demos.fixed, demo_select=p.demos.select,
                           demo_losses=str(p.run_dir / "weak"),
-                          difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i,
-                          encode_splits=["test"])
+                          difficulty_file=str(p.run_dir / "difficulty" / "difficulty.json"), demo_seed=p.seed + i)
                 runs.append(dict(search.evaluate(trainer, models[FINAL], data, split="test")))
                 draws[ICL_MODELS[order]].append(search.correct["test"])
             results[ICL_MODELS[order]] = {t: {m: sum(r[t][m] for r in runs) / len(runs) for m in runs[0][t]}

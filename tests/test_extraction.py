@@ -120,6 +120,31 @@ def test_batched_generation_equals_generate_one_example_at_a_time(tiny):
         assert got == (out[: out.index(eos)] if eos in out else out)
 
 
+def test_decode_attention_equals_sdpa_and_serves_every_decoding_step(tiny, monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import memmcl.experts.packing as packing
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    query, key, value = torch.randn(4, 6, 1, 8), torch.randn(4, 2, 7, 8), torch.randn(4, 2, 7, 8)
+    mask = torch.ones(4, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., :3] = mask[3, ..., :5] = False  # left padding
+    got, _ = packing.decode_attention(module, query, key, value, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert got.shape == want.shape == (4, 1, 6, 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # greedy generation decodes through it: one call per layer and decoding step
+    model, tokenizer = tiny
+    calls = []
+    monkeypatch.setitem(packing.AttentionInterface._global_mapping, packing.DECODE_ATTENTION,
+                        lambda *a, **k: calls.append(a[1].shape) or packing.decode_attention(*a, **k))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    generate_greedy(model, prompts, tokenizer.pad_token_id, set(), 3)
+    assert len(calls) == 2 * model.config.num_hidden_layers and all(s[0] == 2 and s[2] == 1 for s in calls)
+
+
 def test_weak_data_of_an_extraction_task(tmp_path):
     spec = load_task_spec("uabsa_synthetic")
     train = read_split(spec, "train")[:6]

@@ -5,14 +5,18 @@ The prompts of a chunk share a prefix (chat template, instruction, a fixed demon
 1 and its keys/values are repeated for every row. Each row's own suffix follows, left-padded against the prefix
 (`[prefix][pad…][suffix]`, the padding masked out, positions continuing the prefix), so every row's last prompt
 token sits in the last column. Then one token per step for every unfinished row; a row stops at an end token or at
-its token budget, and finished rows leave the cache. The tokens equal `model.generate(do_sample=False)` on each
+its token budget, and finished rows leave the cache. Where the model's attention can be routed, decoding steps run
+`decode_attention` with the rows' key masks. The tokens equal `model.generate(do_sample=False)` on each
 prompt alone, up to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from memmcl.experts.packing import DECODE_ATTENTION, routed_attention, shares_prefix
 from memmcl.experts.scoring import (
     MIN_SHARED_PREFIX,
     left_pad,
@@ -67,6 +71,7 @@ def _generate_chunk(model, prompts, pad_id: int, stops: set[int], budgets: list[
     last = positions[:, -1]
     tokens: list[list[int]] = [[] for _ in range(B)]
     active = torch.arange(B)
+    routed = shares_prefix(model)  # the attention interface, no sliding windows: one query over the whole cache
     while True:
         nxt = logits.argmax(-1).cpu()
         keep = []
@@ -84,7 +89,8 @@ def _generate_chunk(model, prompts, pad_id: int, stops: set[int], budgets: list[
             active, nxt, mask, last = active[rows], nxt[rows], mask[rows.to(device)], last[rows.to(device)]
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
         last = last + 1
-        result = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=last[:, None],
-                       use_cache=True, **with_cache(model, cache))
+        with routed_attention(model, DECODE_ATTENTION) if routed else contextlib.nullcontext():
+            result = model(input_ids=nxt[:, None].to(device), attention_mask=mask[:, None, None].bool() if routed else mask,
+                           position_ids=last[:, None], use_cache=True, **with_cache(model, cache))
         cache = output_cache(result)
         logits = result.logits[:, -1]

@@ -4,7 +4,8 @@ without padding, each attending causally over its own tokens and over one copy o
 `packed_prefix_attention` is registered with transformers' attention interface under `PREFIX_ATTENTION`; `pack`
 builds a forward's packed inputs and the `Packing` that tells the attention function where each sequence's tokens
 are; `prefix_attention` routes a model's attention through it for the duration of a forward. `memmcl.experts.scoring`
-uses these for label scoring and the training loss.
+uses these for label scoring and the training loss. `decode_attention` (under `DECODE_ATTENTION`, routed by
+`routed_attention`) is one new token per row over its key/value cache: greedy generation's decoding steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PREFIX_ATTENTION = "memmcl_packed_prefix"
+DECODE_ATTENTION = "memmcl_decode"
 
 
 @dataclass
@@ -90,6 +92,27 @@ def _attend(q, k, v, visible, prefix, scale: float, dropout: float) -> torch.Ten
 AttentionInterface.register(PREFIX_ATTENTION, packed_prefix_attention)
 
 
+def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
+    """One query per row over its keys/values, in transformers' attention-function form: query [B, H, 1, D],
+    key/value [B, H_kv, L, D], `attention_mask` a boolean [B, 1, 1, L] (True: visible) or None; returns
+    ([B, 1, H, D], None). Two small GEMMs per key/value head and a float32 softmax: at one query CPU SDPA's flash
+    kernel takes ten times as long (docs/benchmarks.md, "Generation")."""
+    B, H, Lq, D = query.shape
+    if Lq != 1:
+        raise ValueError(f"decode_attention: one query per row, got {Lq}")
+    H_kv = key.shape[1]
+    scale = D**-0.5 if scaling is None else scaling
+    scores = torch.matmul(query.reshape(B, H_kv, H // H_kv, D), key.transpose(2, 3)).float() * scale  # [B, H_kv, g, L]
+    if attention_mask is not None:
+        scores = scores.masked_fill_(~attention_mask, float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [B, H_kv, g, D]: head h reads key/value h // g
+    return out.reshape(B, 1, H, D), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
 def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[int, list[int]]] = (),
          device="cpu") -> tuple[dict, Packing]:
     """Returns (model inputs, packing) of sequences packed into one batch row without padding.
@@ -154,12 +177,18 @@ def shares_prefix(model) -> bool:
 
 
 @contextlib.contextmanager
-def prefix_attention(model):
-    """Routes the model's attention through `packed_prefix_attention` for the duration."""
+def routed_attention(model, name: str):
+    """Routes the model's attention through the attention function registered as `name` for the duration. Such a
+    function gets no mask transformers built: a forward passes its own (or none)."""
     config = language_model(model).config
     before = config._attn_implementation
-    config._attn_implementation = PREFIX_ATTENTION
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = before
+
+
+def prefix_attention(model):
+    """Routes the model's attention through `packed_prefix_attention` for the duration."""
+    return routed_attention(model, PREFIX_ATTENTION)
