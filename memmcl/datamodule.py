@@ -246,10 +246,14 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._loader(self.items["train"], self.batch_size, self._train_sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
+        """Batches of one task each (a task's prompts share its instruction: the prefix encoded once, and kept for the
+        task's next batch), at most `eval_batch_size` items; ranks take whole batches in turn."""
         if split not in self.items:
             raise TaskError(f"split '{split}' is missing from task(s) {self.task_names}")
         world, rank = self._world()
-        return self._loader(self.items[split], self.eval_batch_size, EvalShardSampler(self.items[split], world, rank))
+        batches = task_batches(self.items[split], self.eval_batch_size)
+        return DataLoader(batches, batch_size=None, sampler=EvalShardSampler(batches, world, rank),
+                          num_workers=self.num_workers, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
@@ -259,6 +263,16 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_split)
+
+
+def task_batches(items: list[dict], size: int) -> list[list[dict]]:
+    """Returns the items cut into consecutive batches of at most `size` that never span two tasks."""
+    batches: list[list[dict]] = []
+    for item in items:
+        if not batches or len(batches[-1]) == size or batches[-1][-1]["task"] != item["task"]:
+            batches.append([])
+        batches[-1].append(item)
+    return batches
 
 
 class TaskDataModule(MultiTaskDataModule):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -105,3 +107,26 @@ def test_single_task_datamodule(tiny_dir):
     assert sorted(served) == sorted(e.id for e in stratified_sample(full, 30, seed=0)) and len(set(served)) == 30
     lengths = [len(it["prompt"]) for it in capped.items["test"]]
     assert lengths == sorted(lengths)  # evaluation batches group similar lengths
+
+
+def test_evaluation_batches_never_span_two_tasks(tiny_dir):
+    dm = MultiTaskDataModule(["sc_binary", "irony", "stance"], backbone=str(tiny_dir), max_eval_examples=10,
+                             eval_batch_size=4)
+    dm.setup()
+    batches = list(dm.val_dataloader())
+    assert [len(b["id"]) for b in batches] == [4, 4, 2] * 3  # 10 per task: without the rule, 4 4 4 4 4 4 4 2
+    assert all(len(set(b["task"].tolist())) == 1 for b in batches)
+    shards = [[i for b in MultiTaskDataModule.val_dataloader(dm_rank) for i in b["id"]]
+              for dm_rank in _ranks(dm, 2)]
+    assert sorted(shards[0] + shards[1]) == sorted(it["id"] for it in dm.items["validation"])  # each once, over ranks
+    assert not set(shards[0]) & set(shards[1])
+
+
+def _ranks(dm, world: int) -> list:
+    """The datamodule as each of `world` ranks sees it."""
+    out = []
+    for rank in range(world):
+        view = copy.copy(dm)
+        view._world = lambda rank=rank: (world, rank)
+        out.append(view)
+    return out
