@@ -97,7 +97,7 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     """One query per row over its keys/values, in transformers' attention-function form: query [B, H, 1, D],
     key/value [B, H_kv, L, D], `attention_mask` a boolean [B, 1, 1, L] (True: visible) or None; returns
     ([B, 1, H, D], None). Two small GEMMs per key/value head and a float32 softmax: at one query CPU SDPA's flash
-    kernel takes ten times as long (docs/benchmarks.md, "Generation")."""
+    kernel takes ten times as long (docs/benchmarks.md, "Decoding steps")."""
     B, H, Lq, D = query.shape
     if Lq != 1:
         raise ValueError(f"decode_attention: one query per row, got {Lq}")
