@@ -246,13 +246,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._loader(self.items["train"], self.batch_size, self._train_sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        """Batches of one task each (a task's prompts share its instruction: the prefix encoded once, and kept for the
-        task's next batch), at most `eval_batch_size` items; ranks take whole batches in turn."""
+        """This rank's share of the examples (every `world`-th: each task on every rank, so every rank runs the same
+        evaluation epochs) in batches of one task each (a task's prompts share its instruction: the prefix encoded
+        once, and kept for the task's next batch), at most `eval_batch_size` items."""
         if split not in self.items:
             raise TaskError(f"split '{split}' is missing from task(s) {self.task_names}")
         world, rank = self._world()
-        batches = task_batches(self.items[split], self.eval_batch_size)
-        return DataLoader(batches, batch_size=None, sampler=EvalShardSampler(batches, world, rank),
+        items = self.items[split]
+        batches = task_batches([items[i] for i in EvalShardSampler(items, world, rank)], self.eval_batch_size)
+        # a DistributedSampler (over this rank's batches), so Lightning does not shard them again
+        return DataLoader(batches, batch_size=None, sampler=EvalShardSampler(batches),
                           num_workers=self.num_workers, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:
