@@ -25,10 +25,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from generation import prompts as extraction_prompts  # benchmarks/generation.py: the script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from memmcl.datamodule import MultiTaskDataModule
@@ -39,12 +39,10 @@ from memmcl.experts.generation import generate_greedy, stop_ids
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, score_labels
 from memmcl.precision import cpu_bf16_flags
 from memmcl.rundir import quiet_libraries
-from memmcl.tasks.spec import resolve_data_dir
 
 BACKBONE = "smollm2-135m-instruct"
 TASKS = ["sc_binary", "sc_5class", "emotion"]
 PRECISIONS = {"float32": ("float32", False), "bf16-mixed": ("bfloat16", True)}
-ROOT = Path(__file__).resolve().parents[1]
 GENERATION_BATCH = 64
 
 
@@ -76,16 +74,6 @@ def lora_model(dtype: str):
     return model
 
 
-def extraction_prompts(n: int = 64) -> tuple[str, list[list[int]], list[int]]:
-    """Returns (task, prompts, token budgets) of an extraction task's validation prompts, as the pipeline builds them."""
-    data = resolve_data_dir(None)
-    task = str(ROOT / "configs" / "real" / "uabsa_rest14.yaml") if data and (data / "uabsa_rest14").is_dir() \
-        else "uabsa_synthetic"
-    dm = MultiTaskDataModule([task], backbone=BACKBONE, max_length=160, max_eval_examples=n, encode_splits=["validation"])
-    dm.setup()
-    return dm.specs[0].name, [it["prompt"] for it in dm.items["validation"]], [it["max_new"] for it in dm.items["validation"]]
-
-
 def main(rounds: int = 3) -> None:
     quiet_libraries()
     torch.manual_seed(0)
@@ -96,7 +84,7 @@ def main(rounds: int = 3) -> None:
     batch = collate(dm.items["train"][:8], pad)
     tokens = int(batch["attention_mask"].sum())
     prompts, answers = [it["prompt"] for it in dm.items["test"]], [it["answers"] for it in dm.items["test"]]
-    gen_task, gen_prompts, budgets = extraction_prompts()
+    gen_task, gen_prompts, budget = extraction_prompts(64)
     stops = stop_ids(tokenizer)
 
     peak = {"float32": gemm_flops(torch.float32), "bfloat16": gemm_flops(torch.bfloat16)}
@@ -121,7 +109,7 @@ def main(rounds: int = 3) -> None:
 
     def generate(name: str) -> list[list[int]]:
         with torch.no_grad(), autocast(PRECISIONS[name][1]):
-            return generate_greedy(scorers[name], gen_prompts, pad, stops, budgets, chunk_size=GENERATION_BATCH)
+            return generate_greedy(scorers[name], gen_prompts, pad, stops, budget, chunk_size=GENERATION_BATCH)
 
     flops = {}
     for name in PRECISIONS:  # warm-up, and the FLOPs of one step / one scoring pass

@@ -16,7 +16,7 @@ from memmcl.curriculum.demonstrations import DemoOrder, DemoScope, DemoSelect, s
 from memmcl.curriculum.difficulty import read_difficulty_order
 from memmcl.encoding import collate, encode_examples, generation_budget
 from memmcl.experts.backbone import load_tokenizer
-from memmcl.samplers import EvalShardSampler, TaskMixtureSampler
+from memmcl.samplers import EvalShardSampler, TaskMixtureSampler, task_batches
 from memmcl.tasks.metadata import TaskMetadata, compute_metadata
 from memmcl.tasks.readers import read_task, stratified_sample
 from memmcl.tasks.spec import Example, TaskError, TaskSpec, load_task_specs
@@ -233,7 +233,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, items: list[dict], batch_size: int, sampler) -> DataLoader:
+    def _loader(self, items: list, batch_size: int | None, sampler) -> DataLoader:
         return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
@@ -254,9 +254,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         world, rank = self._world()
         items = self.items[split]
         batches = task_batches([items[i] for i in EvalShardSampler(items, world, rank)], self.eval_batch_size)
-        # a DistributedSampler (over this rank's batches), so Lightning does not shard them again
-        return DataLoader(batches, batch_size=None, sampler=EvalShardSampler(batches),
-                          num_workers=self.num_workers, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+        # each element a whole batch (batch_size None), sampled by a DistributedSampler so Lightning does not shard again
+        return self._loader(batches, None, EvalShardSampler(batches))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
@@ -266,16 +265,6 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_split)
-
-
-def task_batches(items: list[dict], size: int) -> list[list[dict]]:
-    """Returns the items cut into consecutive batches of at most `size` that never span two tasks."""
-    batches: list[list[dict]] = []
-    for item in items:
-        if not batches or len(batches[-1]) == size or batches[-1][-1]["task"] != item["task"]:
-            batches.append([])
-        batches[-1].append(item)
-    return batches
 
 
 class TaskDataModule(MultiTaskDataModule):

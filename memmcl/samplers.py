@@ -1,5 +1,5 @@
-"""The datamodule's samplers: evaluation shards without padding, and training's re-weightable task mixture (the
-curriculum callback drives its weights)."""
+"""The datamodule's samplers: evaluation shards without padding, evaluation batches of one task each, and training's
+re-weightable task mixture (the curriculum callback drives its weights)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def task_batches(items: Sequence[dict], size: int) -> list[list[dict]]:
+    """Returns the items cut into consecutive batches of at most `size` that never span two tasks."""
+    batches: list[list[dict]] = []
+    for item in items:
+        if not batches or len(batches[-1]) == size or batches[-1][-1]["task"] != item["task"]:
+            batches.append([])
+        batches[-1].append(item)
+    return batches
 
 
 class TaskMixtureSampler(DistributedSampler):
