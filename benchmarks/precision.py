@@ -34,8 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from memmcl.datamodule import MultiTaskDataModule
 from memmcl.encoding import collate
 from memmcl.experts.backbone import load_backbone
-from memmcl.experts.expert import DEFAULT_TARGETS, set_input_casting
+from memmcl.experts.expert import DEFAULT_TARGETS
 from memmcl.experts.generation import generate_greedy, stop_ids
+from memmcl.experts.lora_speed import fuse_lora_forward, set_input_casting
 from memmcl.experts.scoring import answer_loss, clear_prefix_caches, score_labels
 from memmcl.precision import cpu_bf16_flags
 from memmcl.rundir import quiet_libraries
@@ -64,13 +65,15 @@ def autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-def lora_model(dtype: str):
+def lora_model(dtype: str, fused: bool = True):
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_backbone(BACKBONE, dtype)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(DEFAULT_TARGETS)))
     set_input_casting(model, dtype == "float32")  # as LoRAExpert.setup: autocast casts the LoRA inputs itself
+    if fused:
+        fuse_lora_forward(model)  # as LoRAExpert
     return model
 
 

@@ -92,7 +92,8 @@ def test_lora_inputs_are_cast_only_outside_autocast(tmp_path, tiny_dir, trainer_
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from memmcl.datamodule import MultiTaskDataModule
-    from memmcl.experts.expert import LoRAExpert, set_input_casting
+    from memmcl.experts.expert import LoRAExpert
+    from memmcl.experts.lora_speed import set_input_casting
 
     dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=64, batch_size=4, max_train_examples=8,
                              max_eval_examples=8)

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from memmcl.experts.backbone import Dtype, load_backbone
 from memmcl.experts.expert_io import EXPERT_FILE, ExpertError, check_expert_dir
 from memmcl.experts.label_scoring import LabelScoringModule, gather_records  # noqa: F401  (re-exported)
+from memmcl.experts.lora_speed import fuse_lora_forward, set_input_casting
 from memmcl.experts.scoring import answer_loss
 from memmcl.rundir import atomic_save_dir, write_atomic, write_jsonl_atomic  # noqa: F401  (re-exported)
 from memmcl.tasks.spec import TaskSpec, spec_from_dict
@@ -73,6 +74,7 @@ class LoRAExpert(LabelScoringModule):
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
                                 target_modules=list(target_modules or DEFAULT_TARGETS), task_type="CAUSAL_LM")
             self.model = get_peft_model(base, config)
+        fuse_lora_forward(self.model)
         # Lightning checkpoints hold only the adapter; the frozen backbone is reloaded from `backbone`.
         self.strict_loading = False
 
@@ -134,18 +136,6 @@ class LoRAExpert(LabelScoringModule):
 
         atomic_save_dir(out_dir, write, replace=True)
         return out_dir
-
-
-def set_input_casting(model: torch.nn.Module, enabled: bool) -> None:
-    """Sets whether peft casts each LoRA layer's input to its LoRA weights' dtype. Under mixed precision (autocast)
-    every matmul casts its operands itself, so the cast of a bfloat16 input to the float32 LoRA weights is a copy (and
-    a float32 dropout) that autocast casts straight back: 4% of a bf16-mixed SmolLM2 LoRA step on a quiet machine, 13%
-    on a loaded one (docs/benchmarks.md)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = enabled
 
 
 def load_expert(path: str | os.PathLike, backbone: str | None = None) -> tuple[LoRAExpert, list[TaskSpec]]:

@@ -19,6 +19,7 @@ import torch
 from memmcl.experts.packing import DECODE_ATTENTION, routed_attention, shares_prefix
 from memmcl.experts.scoring import (
     MIN_SHARED_PREFIX,
+    last_positions,
     left_pad,
     output_cache,
     position_ids,
@@ -65,7 +66,8 @@ def _generate_chunk(model, prompts, pad_id: int, stops: set[int], budgets: list[
     mask = torch.cat([torch.ones((B, length), dtype=torch.long, device=device), suffix_mask], dim=1)
     positions = position_ids(mask)[:, length:]
     kwargs = with_cache(model, cache) if cache is not None else {}
-    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=last_positions(ids.shape[1], 1, device), **kwargs)
     cache = output_cache(result)
     logits = result.logits[:, -1]
     last = positions[:, -1]

@@ -61,6 +61,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def last_positions(length: int, keep: int, device) -> torch.Tensor:
+    """`logits_to_keep` for the last `keep` of `length` positions, as an index tensor. An int makes transformers slice
+    the hidden states to a strided [B, keep, d] view, and `F.linear` on that view (batch > 1) makes torch's matmul
+    expand the output embedding to [B, d, vocab]: 2-3 s a SmolLM2 batch of 64 in place of 7 ms."""
+    return torch.arange(length - keep, length, device=device)
+
+
 def _cache_argument(model_class: type) -> str | None:
     """Returns the name under which `model_class.forward` takes a key/value cache (transformers >= 5.2x: `cache`),
     None when it only passes keyword arguments on (a wrapper)."""
@@ -172,7 +179,8 @@ def _run(model, seqs: list[list[int]], pad_id: int, device, keep: int,
                            shared_prefix=None if prefix is None else prefix[1]).logits[0]
         return logits[: last.numel()].view(len(seqs), keep, -1), logits[last.numel() :] if continuations else None
     ids, mask = left_pad(seqs, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                logits_to_keep=last_positions(ids.shape[1], keep, device),
                 use_cache=bool(continuations))
     if not continuations:
         return out.logits, None
