@@ -49,6 +49,7 @@ class MultiLoRALinear(nn.Module):
         self.offset, self.rank = offset, a.shape[0]
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
         self.register_buffer("w0", None, persistent=False)
+        self._scaled_b, self._scaled_key = None, None  # see scaled_b
         self.calls = 0  # forwards since `MultiLoRAModel.per_example_coefficients` began (1: the continuation rows)
 
     def coef(self) -> torch.Tensor:
@@ -76,7 +77,22 @@ class MultiLoRALinear(nn.Module):
             return y + fwAD.make_dual(torch.zeros_like(delta), delta)
         if owner.folded:
             return y
-        return y + ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
+        b = self.scaled_b()
+        if y.dtype != b.dtype and not torch.is_autocast_enabled(y.device.type):
+            return y + ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]) @ self.lora_a.T, b.T)
+        return flat.view(y.shape)
+
+    def scaled_b(self) -> torch.Tensor:
+        """Returns B · diag(coef), kept until the genome changes: the forward is then two GEMMs, the second adding
+        into the base output (`addmm`), instead of four operations over the activations."""
+        coef = self._owner[0].coef
+        if coef.requires_grad:
+            return self.lora_b * self.coef().to(self.lora_b)
+        key = (coef.data_ptr(), coef._version, self.lora_b.data_ptr(), self.lora_b._version)
+        if self._scaled_key != key:
+            self._scaled_b, self._scaled_key = (self.lora_b.float() * self.coef()).to(self.lora_b), key
+        return self._scaled_b
 
 
 class MultiLoRAModel(nn.Module):
