@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from memmcl.datamodule import TaskDataModule
 from memmcl.experts.expert import LoRAExpert, load_expert
 from memmcl.experts.expert_io import ExpertError
+from memmcl.experts.packing import pack
 from memmcl.experts.scoring import MIN_SHARED_PREFIX, answer_loss, score_labels, shared_prefix_length, shares_prefix
 from memmcl.tasks.spec import load_task_spec
 
@@ -71,6 +72,8 @@ def test_scores_match_brute_force_at_any_batch_size(expert, data, multi_token):
     assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX
     unshared = score_labels(expert.model, prompts, answers, pad, share_prefix=False)
     torch.testing.assert_close(unshared, sixteen, atol=1e-4, rtol=1e-4)
+    in_row = score_labels(expert.model, prompts, answers, pad, chunk_size=16, reuse_prefix=False)  # prefix in the row
+    torch.testing.assert_close(in_row, sixteen, atol=1e-4, rtol=1e-4)
     assert torch.equal(one.argmax(-1), sixteen.argmax(-1))
     torch.testing.assert_close(one, sixteen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sixteen, brute_force_scores(expert.model, prompts, answers), atol=1e-4, rtol=1e-4)
@@ -97,6 +100,9 @@ def test_shared_prefix_loss_and_gradients_equal_whole_sequences(expert, data):
         loss = answer_loss(expert.model, *args, share_prefix=share)
         grads.append((loss.detach(), torch.autograd.grad(loss, params)))
     (shared, g_shared), (whole, g_whole) = grads
+    inputs, packing = pack([[5, 6], [7]], 3, prefix=[1, 2, 3])  # the loss ran the prefix first in the packed row
+    assert inputs["input_ids"].tolist() == [[1, 2, 3, 5, 6, 7]] and inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3]]
+    assert packing.groups[1][1].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, -1]]
     assert shared.item() == pytest.approx(whole.item(), abs=1e-5)
     for a, b in zip(g_shared, g_whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -114,37 +114,48 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
 def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[int, list[int]]] = (),
-         device="cpu") -> tuple[dict, Packing]:
+         device="cpu", prefix: list[int] | None = None) -> tuple[dict, Packing]:
     """Returns (model inputs, packing) of sequences packed into one batch row without padding.
 
     `suffixes` are the sequences' tokens after a shared prefix of `start` tokens (positions continue it);
     `continuations` are (sequence, tokens) rows that continue a sequence's last token (one label's answer), packed
-    after the suffixes: each sees its sequence and itself, never another continuation.
+    after the suffixes: each sees its sequence and itself, never another continuation. With `prefix` (the `start`
+    prefix tokens themselves) the prefix runs first in the same row, causally, and every row also sees it: one forward
+    instead of a prefix forward and a packed one (`shared_prefix` is then None).
     """
+    n_prefix = len(prefix) if prefix is not None else 0
+    if prefix is not None and n_prefix != start:
+        raise ValueError(f"pack: a prefix of {n_prefix} tokens for suffixes starting at position {start}")
     lengths = [len(s) for s in suffixes]
-    offsets = [0]
+    offsets = [n_prefix]
     for n in lengths:
         offsets.append(offsets[-1] + n)
-    ids = [t for s in suffixes for t in s]
-    positions = [start + j for n in lengths for j in range(n)]
+    ids = [*(prefix or ()), *(t for s in suffixes for t in s)]
+    positions = [*range(n_prefix), *(start + j for n in lengths for j in range(n))]
     width = max(lengths)
-    seq_index = torch.full((len(suffixes), width), -1, dtype=torch.long)
+    seen = torch.arange(n_prefix).expand(len(suffixes), n_prefix)  # every row's keys begin with the in-row prefix
+    own = torch.full((len(suffixes), width), -1, dtype=torch.long)
     for i, n in enumerate(lengths):
-        seq_index[i, :n] = torch.arange(offsets[i], offsets[i] + n)
-    groups = [(seq_index, seq_index, torch.arange(width).expand(len(suffixes), width))]
-    owner = [seq_index[seq_index >= 0]]
+        own[i, :n] = torch.arange(offsets[i], offsets[i] + n)
+    groups = [(own, torch.cat([seen, own], 1), n_prefix + torch.arange(width).expand(len(suffixes), width))]
+    owner = [own[own >= 0]]
+    if prefix is not None:
+        steps = torch.arange(n_prefix)[None]
+        groups.insert(0, (steps, steps, steps))
+        owner.insert(0, steps[0])
     if continuations:
         cont_width = max(len(c) for _, c in continuations)
         queries = torch.full((len(continuations), cont_width), -1, dtype=torch.long)
-        keys = torch.full((len(continuations), width + cont_width), -1, dtype=torch.long)
-        query_at = torch.full((len(continuations), cont_width), width + cont_width - 1, dtype=torch.long)
+        keys = torch.full((len(continuations), n_prefix + width + cont_width), -1, dtype=torch.long)
+        query_at = torch.full((len(continuations), cont_width), keys.shape[1] - 1, dtype=torch.long)
+        keys[:, :n_prefix] = seen[:1]
         for r, (i, tokens) in enumerate(continuations):
-            first = len(ids)
+            first, sees = len(ids), n_prefix + lengths[i]
             ids += tokens
             positions += [start + lengths[i] + j for j in range(len(tokens))]
-            keys[r, : lengths[i]] = seq_index[i, : lengths[i]]
-            keys[r, lengths[i] : lengths[i] + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
-            query_at[r, : len(tokens)] = torch.arange(lengths[i], lengths[i] + len(tokens))
+            keys[r, n_prefix:sees] = own[i, : lengths[i]]
+            keys[r, sees : sees + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
+            query_at[r, : len(tokens)] = torch.arange(sees, sees + len(tokens))
         groups.append((queries, keys, query_at))
         owner.append(queries[queries >= 0])
     order = torch.empty(len(ids), dtype=torch.long)

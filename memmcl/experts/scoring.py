@@ -168,15 +168,22 @@ def _run(model, seqs: list[list[int]], pad_id: int, device, keep: int,
     their key/value cache.
     """
     if share_prefix and shares_prefix(model):
-        prefix = _prefix_cache(model, seqs, keep, device, reuse_prefix)
-        start = 0 if prefix is None else prefix[0]
-        inputs, packing = pack([s[start:] for s in seqs], start, continuations, device)
-        ends = torch.tensor([len(s) - start for s in seqs]).cumsum(0)
+        if reuse_prefix:  # the prefix's keys/values, kept for the next batches
+            prefix = _prefix_cache(model, seqs, keep, device, reuse_prefix)
+            start, in_row, shared = (0, 0, None) if prefix is None else (prefix[0], 0, prefix[1])
+            inputs, packing = pack([s[start:] for s in seqs], start, continuations, device)
+        else:  # the prefix runs in the same forward, first in the packed row
+            start = shared_prefix_length(seqs, keep=keep)
+            start = in_row = start if start >= MIN_SHARED_PREFIX else 0
+            inputs, packing = pack([s[start:] for s in seqs], start, continuations, device,
+                                   prefix=seqs[0][:start] if start else None)
+            shared = None
+        ends = in_row + torch.tensor([len(s) - start for s in seqs]).cumsum(0)
         last = (ends[:, None] - keep + torch.arange(keep)[None]).flatten()
         index = torch.cat([last, torch.arange(int(ends[-1]), inputs["input_ids"].shape[1])]).to(device)
         with prefix_attention(model):
             logits = model(**inputs, logits_to_keep=index, use_cache=False, packing=packing,
-                           shared_prefix=None if prefix is None else prefix[1]).logits[0]
+                           shared_prefix=shared).logits[0]
         return logits[: last.numel()].view(len(seqs), keep, -1), logits[last.numel() :] if continuations else None
     ids, mask = left_pad(seqs, pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
