@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from memmcl.callbacks.curriculum import CurriculumSampler
 from memmcl.roster import variant_name
 from memmcl.rundir import added_settings, config_hash, write_atomic
-from memmcl.workers import run_in_workers
+from memmcl.workers import run_in_workers, worker_threads
 
 if TYPE_CHECKING:
     from memmcl.run import RunContext
@@ -74,4 +74,5 @@ def multitask_phases(p: RunContext, difficulty: dict) -> dict[str, dict]:
     args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
     run_in_workers(p, [(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
                   if not p.done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
-    return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}
+    with worker_threads(p):
+        return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}

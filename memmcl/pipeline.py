@@ -64,7 +64,7 @@ from memmcl.settings import (  # noqa: F401  (re-exported: the pipeline's settin
     resolve_expert,
 )
 from memmcl.tasks.spec import embedded_task_names, load_task_specs
-from memmcl.workers import run_in_workers
+from memmcl.workers import run_in_workers, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ class Pipeline(RunContext):
         keys = {s.name: expert_key(self, s) for s in self.specs}  # (each hashes its task's data files: once)
         run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s, keys[s.name])) for s in self.specs
                          if not expert_done(self, s, keys[s.name])])
-        expert_metrics = {s.name: expert_phase(self, s, keys[s.name]) for s in self.specs}
+        with worker_threads(self):
+            expert_metrics = {s.name: expert_phase(self, s, keys[s.name]) for s in self.specs}
         if self.kind.release is not None:  # what the kind kept for training (tangent: Jacobians) is not needed now
             self.kind.release()
         # what the later phases consumed: each expert's settings and the adapter file it wrote (a replaced or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -22,13 +23,12 @@ def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> No
     """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several
     and the run is on one CPU device (a tiny model's step is mostly per-op overhead, so two single-thread
     processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
-    t = p.trainer_config
-    if p.expert.workers <= 1 or len(jobs) <= 1 or t.accelerator != "cpu" or t.strategy not in ("auto", "single_device") \
-            or str(t.devices) != "1" or t.num_nodes != 1:
+    if not _in_workers(p) or len(jobs) <= 1:
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    t = p.trainer_config
     workers = min(p.expert.workers, len(jobs))
     threads = max(1, torch.get_num_threads() // workers)
     worker_view = copy.copy(p)
@@ -48,6 +48,28 @@ def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> No
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+
+def _in_workers(p: RunContext) -> bool:
+    t = p.trainer_config
+    return p.expert.workers > 1 and t.accelerator == "cpu" and t.strategy in ("auto", "single_device") \
+        and str(t.devices) == "1" and t.num_nodes == 1
+
+
+@contextlib.contextmanager
+def worker_threads(p: RunContext):
+    """Within: where phases run in worker processes, torch runs with one worker's threads, so a phase that runs here
+    alone (the one left to do, a retrain) does the same arithmetic as it does beside others (the thread count decides
+    how a GEMM splits its sums): a resumed run equals an uninterrupted one bit for bit."""
+    if not _in_workers(p):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // p.expert.workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _phase_job(pipeline: RunContext, name: str, fn: Callable, args: tuple) -> dict:

@@ -102,7 +102,8 @@ def test_shared_prefix_loss_and_gradients_equal_whole_sequences(expert, data):
     (shared, g_shared), (whole, g_whole) = grads
     inputs, packing = pack([[5, 6], [7]], 3, prefix=[1, 2, 3])  # the loss ran the prefix first in the packed row
     assert inputs["input_ids"].tolist() == [[1, 2, 3, 5, 6, 7]] and inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3]]
-    assert packing.groups[1][1].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, -1]]
+    assert packing.in_row_prefix == 3 and packing.groups[0][0].tolist() == [[0, 1, 2]]
+    assert packing.groups[1][1].tolist() == [[3, 4], [5, -1]] and packing.order.tolist() == list(range(6))
     assert shared.item() == pytest.approx(whole.item(), abs=1e-5)
     for a, b in zip(g_shared, g_whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

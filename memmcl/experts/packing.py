@@ -27,10 +27,12 @@ class Packing:
     """Where the attention rows of a packed forward (every sequence's tokens one after another in one batch row,
     no padding) find their tokens. Per group of rows: `queries` [R, Lq] and `keys` [R, Lk] hold packed token indices
     (-1: none), `query_at` [R, Lq] each query's place in its key row (it sees the row's keys up to there); `order`
-    takes the groups' queries, concatenated, back to packed order."""
+    takes the groups' queries, concatenated, back to packed order. `in_row_prefix`: the row begins with that many
+    prefix tokens, the first group (causal among themselves); every other group also reads their keys/values."""
 
     groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     order: torch.Tensor
+    in_row_prefix: int = 0
 
 
 def packed_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -48,13 +50,15 @@ def packed_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     prefix = None if shared_prefix is None else shared_prefix[module.layer_idx]
+    if n := packing.in_row_prefix:  # read as one copy, like a shared prefix: its gradient is a slice's, not a sum
+        prefix = (key[:, :, :n], value[:, :, :n])  # over gathered copies (whose order would depend on threads)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     outputs = []
-    for queries, keys, query_at in packing.groups:
+    for g, (queries, keys, query_at) in enumerate(packing.groups):
         rows = lambda states, index: states[0][:, index.clamp(min=0)].transpose(0, 1)  # noqa: E731 [R, heads, L, D]
         visible = (keys[:, None, :] >= 0) & (torch.arange(keys.shape[1], device=keys.device) <= query_at[..., None])
-        out = _attend(rows(query, queries), rows(key, keys), rows(value, keys), visible, prefix, scale,
-                      dropout if module.training else 0.0)
+        out = _attend(rows(query, queries), rows(key, keys), rows(value, keys), visible,
+                      None if packing.in_row_prefix and g == 0 else prefix, scale, dropout if module.training else 0.0)
         outputs.append(out.transpose(1, 2)[queries >= 0])  # [queries of the group, H, D]
     return torch.cat(outputs)[packing.order][None], None
 
@@ -120,8 +124,8 @@ def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[in
     `suffixes` are the sequences' tokens after a shared prefix of `start` tokens (positions continue it);
     `continuations` are (sequence, tokens) rows that continue a sequence's last token (one label's answer), packed
     after the suffixes: each sees its sequence and itself, never another continuation. With `prefix` (the `start`
-    prefix tokens themselves) the prefix runs first in the same row, causally, and every row also sees it: one forward
-    instead of a prefix forward and a packed one (`shared_prefix` is then None).
+    prefix tokens themselves) the prefix runs first in the same row, causally, and every row also reads its
+    keys/values there: one forward instead of a prefix forward and a packed one (`shared_prefix` is then None).
     """
     n_prefix = len(prefix) if prefix is not None else 0
     if prefix is not None and n_prefix != start:
@@ -133,12 +137,11 @@ def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[in
     ids = [*(prefix or ()), *(t for s in suffixes for t in s)]
     positions = [*range(n_prefix), *(start + j for n in lengths for j in range(n))]
     width = max(lengths)
-    seen = torch.arange(n_prefix).expand(len(suffixes), n_prefix)  # every row's keys begin with the in-row prefix
-    own = torch.full((len(suffixes), width), -1, dtype=torch.long)
+    seq_index = torch.full((len(suffixes), width), -1, dtype=torch.long)
     for i, n in enumerate(lengths):
-        own[i, :n] = torch.arange(offsets[i], offsets[i] + n)
-    groups = [(own, torch.cat([seen, own], 1), n_prefix + torch.arange(width).expand(len(suffixes), width))]
-    owner = [own[own >= 0]]
+        seq_index[i, :n] = torch.arange(offsets[i], offsets[i] + n)
+    groups = [(seq_index, seq_index, torch.arange(width).expand(len(suffixes), width))]
+    owner = [seq_index[seq_index >= 0]]
     if prefix is not None:
         steps = torch.arange(n_prefix)[None]
         groups.insert(0, (steps, steps, steps))
@@ -146,22 +149,21 @@ def pack(suffixes: list[list[int]], start: int = 0, continuations: list[tuple[in
     if continuations:
         cont_width = max(len(c) for _, c in continuations)
         queries = torch.full((len(continuations), cont_width), -1, dtype=torch.long)
-        keys = torch.full((len(continuations), n_prefix + width + cont_width), -1, dtype=torch.long)
-        query_at = torch.full((len(continuations), cont_width), keys.shape[1] - 1, dtype=torch.long)
-        keys[:, :n_prefix] = seen[:1]
+        keys = torch.full((len(continuations), width + cont_width), -1, dtype=torch.long)
+        query_at = torch.full((len(continuations), cont_width), width + cont_width - 1, dtype=torch.long)
         for r, (i, tokens) in enumerate(continuations):
-            first, sees = len(ids), n_prefix + lengths[i]
+            first = len(ids)
             ids += tokens
             positions += [start + lengths[i] + j for j in range(len(tokens))]
-            keys[r, n_prefix:sees] = own[i, : lengths[i]]
-            keys[r, sees : sees + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
-            query_at[r, : len(tokens)] = torch.arange(sees, sees + len(tokens))
+            keys[r, : lengths[i]] = seq_index[i, : lengths[i]]
+            keys[r, lengths[i] : lengths[i] + len(tokens)] = queries[r, : len(tokens)] = torch.arange(first, first + len(tokens))
+            query_at[r, : len(tokens)] = torch.arange(lengths[i], lengths[i] + len(tokens))
         groups.append((queries, keys, query_at))
         owner.append(queries[queries >= 0])
     order = torch.empty(len(ids), dtype=torch.long)
     order[torch.cat(owner)] = torch.arange(len(ids))
     inputs = {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([positions], device=device)}
-    packing = Packing([tuple(t.to(device) for t in group) for group in groups], order.to(device))
+    packing = Packing([tuple(t.to(device) for t in group) for group in groups], order.to(device), n_prefix)
     return inputs, packing
 
 

@@ -60,7 +60,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@functools.cache
 def last_positions(length: int, keep: int, device) -> torch.Tensor:
     """`logits_to_keep` for the last `keep` of `length` positions, as an index tensor. An int makes transformers slice
     the hidden states to a strided [B, keep, d] view, and `F.linear` on that view (batch > 1) makes torch's matmul
@@ -68,6 +67,7 @@ def last_positions(length: int, keep: int, device) -> torch.Tensor:
     return torch.arange(length - keep, length, device=device)
 
 
+@functools.cache
 def _cache_argument(model_class: type) -> str | None:
     """Returns the name under which `model_class.forward` takes a key/value cache (transformers >= 5.2x: `cache`),
     None when it only passes keyword arguments on (a wrapper)."""
