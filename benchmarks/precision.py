@@ -65,15 +65,14 @@ def autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-def lora_model(dtype: str, fused: bool = True):
+def lora_model(dtype: str):
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_backbone(BACKBONE, dtype)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(DEFAULT_TARGETS)))
     set_input_casting(model, dtype == "float32")  # as LoRAExpert.setup: autocast casts the LoRA inputs itself
-    if fused:
-        fuse_lora_forward(model)  # as LoRAExpert
+    fuse_lora_forward(model)  # as LoRAExpert
     return model
 
 

@@ -169,16 +169,14 @@ def _run(model, seqs: list[list[int]], pad_id: int, device, keep: int,
     """
     if share_prefix and shares_prefix(model):
         if reuse_prefix:  # the prefix's keys/values, kept for the next batches
-            prefix = _prefix_cache(model, seqs, keep, device, reuse_prefix)
-            start, in_row, shared = (0, 0, None) if prefix is None else (prefix[0], 0, prefix[1])
+            start, shared = _prefix_cache(model, seqs, keep, device, reuse_prefix) or (0, None)
             inputs, packing = pack([s[start:] for s in seqs], start, continuations, device)
         else:  # the prefix runs in the same forward, first in the packed row
-            start = shared_prefix_length(seqs, keep=keep)
-            start = in_row = start if start >= MIN_SHARED_PREFIX else 0
+            start, shared = shared_prefix_length(seqs, keep=keep), None
+            start = start if start >= MIN_SHARED_PREFIX else 0
             inputs, packing = pack([s[start:] for s in seqs], start, continuations, device,
                                    prefix=seqs[0][:start] if start else None)
-            shared = None
-        ends = in_row + torch.tensor([len(s) - start for s in seqs]).cumsum(0)
+        ends = packing.in_row_prefix + torch.tensor([len(s) - start for s in seqs]).cumsum(0)
         last = (ends[:, None] - keep + torch.arange(keep)[None]).flatten()
         index = torch.cat([last, torch.arange(int(ends[-1]), inputs["input_ids"].shape[1])]).to(device)
         with prefix_attention(model):

@@ -77,10 +77,8 @@ class MultiLoRALinear(nn.Module):
             return y + fwAD.make_dual(torch.zeros_like(delta), delta)
         if owner.folded:
             return y
-        b = self.scaled_b()
-        if y.dtype != b.dtype and not torch.is_autocast_enabled(y.device.type):
-            return y + ((x @ self.lora_a.T) * self.coef().to(x)) @ self.lora_b.T
-        flat = torch.addmm(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]) @ self.lora_a.T, b.T)
+        # the factors have the base weight's dtype, so y and B·diag(coef) share theirs (or autocast casts both)
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]) @ self.lora_a.T, self.scaled_b().T)
         return flat.view(y.shape)
 
     def scaled_b(self) -> torch.Tensor:
