@@ -93,7 +93,8 @@ def main(rounds: int = 3) -> None:
     trainees, scorers, optimizers = {}, {}, {}
     for name, (dtype, _) in PRECISIONS.items():
         trainees[name] = lora_model(dtype).train()
-        optimizers[name] = torch.optim.AdamW([p for p in trainees[name].parameters() if p.requires_grad], lr=1e-4)
+        optimizers[name] = torch.optim.AdamW([p for p in trainees[name].parameters() if p.requires_grad], lr=1e-4,
+                                             fused=True)  # as LoRAExpert
         scorers[name] = load_backbone(BACKBONE, dtype)[0].eval()
 
     def step(name: str) -> None:

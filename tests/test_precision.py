@@ -119,3 +119,24 @@ def test_lora_inputs_are_cast_only_outside_autocast(tmp_path, tiny_dir, trainer_
         set_input_casting(expert.model, True)
         cast = expert.model(input_ids=ids).logits
     assert torch.equal(own, cast)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_adamw_is_fused_unless_gradients_are_clipped(tmp_path, tiny_dir, clip):
+    """The expert's AdamW runs torch's fused kernel; with gradient clipping it is the plain one, because Lightning's
+    mixed precision refuses to clip a fused optimizer's gradients: bf16-mixed training with clipping still runs."""
+    import lightning as L
+
+    from memmcl.datamodule import MultiTaskDataModule
+    from memmcl.experts.expert import LoRAExpert
+
+    dm = MultiTaskDataModule(["sc_binary"], backbone=str(tiny_dir), max_length=64, batch_size=4, max_train_examples=8,
+                             max_eval_examples=8)
+    expert = LoRAExpert(backbone=str(tiny_dir), dtype="bfloat16", lora_r=2, lora_alpha=4, export_dir=str(tmp_path / "e"))
+    before = {n: p.detach().clone() for n, p in expert.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=clip, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(expert, dm)
+    assert trainer.optimizers[0].defaults["fused"] is (None if clip else True)
+    assert any(not torch.equal(p, before[n]) for n, p in expert.named_parameters() if p.requires_grad)
