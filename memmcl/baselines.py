@@ -73,6 +73,6 @@ def multitask_phases(p: RunContext, difficulty: dict) -> dict[str, dict]:
     data_hash = config_hash([(s.to_dict(), s.data_hash(("train", "validation", "test"))) for s in p.specs])
     args = {pacing: (pacing, difficulty["order"], data_hash) for pacing in p.multitask.pacings}
     run_in_workers(p, [(f"multitask:{variant_name(pacing)}", multitask_phase, a) for pacing, a in args.items()
-                  if not p.done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)])
-    with worker_threads(p):
+                  if not p.done(p.run_dir / "multitask" / variant_name(pacing), multitask_key(p, *a), MULTITASK_OUTPUTS)], total=len(args))
+    with worker_threads(p, total=len(args)):
         return {variant_name(pacing): multitask_phase(p, *a) for pacing, a in args.items()}

@@ -250,8 +250,8 @@ class Pipeline(RunContext):
             on_data_checked()
         keys = {s.name: expert_key(self, s) for s in self.specs}  # (each hashes its task's data files: once)
         run_in_workers(self, [(f"expert:{s.name}", expert_phase, (s, keys[s.name])) for s in self.specs
-                         if not expert_done(self, s, keys[s.name])])
-        with worker_threads(self):
+                         if not expert_done(self, s, keys[s.name])], total=len(self.specs))
+        with worker_threads(self, total=len(self.specs)):
             expert_metrics = {s.name: expert_phase(self, s, keys[s.name]) for s in self.specs}
         if self.kind.release is not None:  # what the kind kept for training (tangent: Jacobians) is not needed now
             self.kind.release()

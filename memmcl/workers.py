@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> None:
+def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]], total: int) -> None:
     """Runs phases (name, function(pipeline, *args), args) in `expert.workers` processes when there are several
     and the run is on one CPU device (a tiny model's step is mostly per-op overhead, so two single-thread
-    processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop."""
+    processes train ~1.5x faster than one with two threads); else leaves them to the caller's loop. `total`: how
+    many phases the set has, done ones included; it alone sets each worker's threads (`phase_threads`)."""
     if not _in_workers(p) or len(jobs) <= 1:
         return
     import multiprocessing
@@ -30,7 +31,7 @@ def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> No
 
     t = p.trainer_config
     workers = min(p.expert.workers, len(jobs))
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = phase_threads(p, total)
     worker_view = copy.copy(p)
     worker_view.trainer_config = dataclasses.replace(t, progress_bar=False)
     log.info("running %d phases in %d processes of %d thread(s)", len(jobs), workers, threads)
@@ -50,6 +51,13 @@ def run_in_workers(p: RunContext, jobs: list[tuple[str, Callable, tuple]]) -> No
             bar.close()
 
 
+def phase_threads(p: RunContext, total: int) -> int:
+    """The torch threads of one phase of a set of `total` run in workers: the threads shared by as many workers as
+    the whole set fills, however many of its phases are left to do. The thread count decides how a GEMM splits its
+    sums, so a phase run on resume (alone, or beside fewer others) does the same arithmetic as in a fresh run."""
+    return max(1, torch.get_num_threads() // max(1, min(p.expert.workers, total)))
+
+
 def _in_workers(p: RunContext) -> bool:
     t = p.trainer_config
     return p.expert.workers > 1 and t.accelerator == "cpu" and t.strategy in ("auto", "single_device") \
@@ -57,15 +65,15 @@ def _in_workers(p: RunContext) -> bool:
 
 
 @contextlib.contextmanager
-def worker_threads(p: RunContext):
-    """Within: where phases run in worker processes, torch runs with one worker's threads, so a phase that runs here
-    alone (the one left to do, a retrain) does the same arithmetic as it does beside others (the thread count decides
-    how a GEMM splits its sums): a resumed run equals an uninterrupted one bit for bit."""
+def worker_threads(p: RunContext, total: int):
+    """Within: where phases run in worker processes, torch runs with one worker's threads (`phase_threads` of a set
+    of `total`), so a phase that runs here alone (the one left to do, a retrain) does the same arithmetic as it does
+    beside others: a resumed run equals an uninterrupted one bit for bit."""
     if not _in_workers(p):
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // p.expert.workers))
+    torch.set_num_threads(phase_threads(p, total))
     try:
         yield
     finally:

@@ -214,3 +214,25 @@ def test_real_tasks_given_by_relative_spec_paths_run_from_another_directory(tmp_
     assert len(losses) == 24 and all(i.startswith("sst-train-") for i in losses)
     saved = yaml.safe_load((tmp_path / "runs" / "real" / "experts" / "sst2" / "expert" / "expert.yaml").read_text())
     assert Path(saved["tasks"][0]["splits"]["train"]) == (REAL_DATA / "sst2" / "train.csv").resolve()
+
+
+def test_a_phase_gets_the_same_threads_fresh_or_on_resume():
+    """A phase's thread count depends on the whole set of phases, not on how many are left: a retrain on resume (one
+    phase left, run here) or a resume with fewer phases left than workers does a fresh run's arithmetic."""
+    from types import SimpleNamespace
+
+    from memmcl.workers import phase_threads, worker_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        p = SimpleNamespace(expert=SimpleNamespace(workers=4), trainer_config=TrainerConfig())
+        assert [phase_threads(p, total) for total in (1, 2, 3, 4, 9)] == [4, 2, 1, 1, 1]
+        with worker_threads(p, total=2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        p.expert.workers = 1  # no workers: the caller's threads
+        with worker_threads(p, total=2):
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
