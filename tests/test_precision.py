@@ -140,3 +140,34 @@ def test_adamw_is_fused_unless_gradients_are_clipped(tmp_path, tiny_dir, clip):
     trainer.fit(expert, dm)
     assert trainer.optimizers[0].defaults["fused"] is (None if clip else True)
     assert any(not torch.equal(p, before[n]) for n, p in expert.named_parameters() if p.requires_grad)
+
+
+def test_bf16_logits_have_their_top_candidates_exact(tiny_dir):
+    """bf16 rounds a logit of 8-16 to a step of 1/16: the best two tokens of a position can tie or swap. Within
+    `exact_top_logits`, the top candidates are float32 products of the same bf16 hidden state and weights, so the
+    argmax is float32 arithmetic's; a float32 model's logits do not change, and the hook is gone afterwards."""
+    from memmcl.experts.backbone import load_backbone
+    from memmcl.experts.scoring import EXACT_CANDIDATES, exact_top_logits
+
+    ids = torch.randint(0, 1780, (8, 32), generator=torch.Generator().manual_seed(0))
+    for dtype in ("bfloat16", "float32"):
+        model, _ = load_backbone(str(tiny_dir), dtype)
+        model.eval()
+        head, seen = model.get_output_embeddings(), {}
+        capture = head.register_forward_hook(lambda m, args, out, seen=seen: seen.update(hidden=args[0], plain=out))
+        with torch.no_grad():
+            with exact_top_logits(model):
+                logits = model(ids).logits
+            after = model(ids).logits
+        capture.remove()
+        exact = seen["hidden"].float() @ head.weight.detach().float().T
+        if dtype == "float32":
+            assert torch.equal(logits, seen["plain"]) and torch.equal(logits, after)
+            continue
+        assert logits.dtype == torch.float32 and after.dtype == torch.bfloat16
+        top = seen["plain"].topk(EXACT_CANDIDATES, dim=-1).indices
+        torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+        rest = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, top, False)
+        assert torch.equal(logits[rest], seen["plain"].float()[rest])
+        assert (seen["plain"].argmax(-1) != exact.argmax(-1)).any()  # the rounding this is for happens here
+        assert torch.equal(logits.argmax(-1), exact.argmax(-1))

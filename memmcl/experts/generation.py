@@ -19,6 +19,7 @@ import torch
 from memmcl.experts.packing import DECODE_ATTENTION, routed_attention, shares_prefix
 from memmcl.experts.scoring import (
     MIN_SHARED_PREFIX,
+    exact_top_logits,
     last_positions,
     left_pad,
     output_cache,
@@ -46,9 +47,10 @@ def generate_greedy(model, prompts: list[list[int]], pad_id: int, stops: set[int
     `max_new_tokens` (one budget, or one per prompt)."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     out: list[list[int]] = []
-    for start in range(0, len(prompts), chunk_size):
-        stop = min(start + chunk_size, len(prompts))
-        out.extend(_generate_chunk(model, prompts[start:stop], pad_id, set(stops), budgets[start:stop], share_prefix))
+    with exact_top_logits(model):
+        for start in range(0, len(prompts), chunk_size):
+            stop = min(start + chunk_size, len(prompts))
+            out.extend(_generate_chunk(model, prompts[start:stop], pad_id, set(stops), budgets[start:stop], share_prefix))
     return out
 
 
