@@ -147,7 +147,7 @@ def test_bf16_logits_have_their_top_candidates_exact(tiny_dir):
     `exact_top_logits`, the top candidates are float32 products of the same bf16 hidden state and weights, so the
     argmax is float32 arithmetic's; a float32 model's logits do not change, and the hook is gone afterwards."""
     from memmcl.experts.backbone import load_backbone
-    from memmcl.experts.scoring import EXACT_CANDIDATES, exact_top_logits
+    from memmcl.experts.exact_logits import EXACT_CANDIDATES, exact_top_logits
 
     ids = torch.randint(0, 1780, (8, 32), generator=torch.Generator().manual_seed(0))
     for dtype in ("bfloat16", "float32"):

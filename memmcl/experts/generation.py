@@ -16,10 +16,10 @@ import contextlib
 
 import torch
 
+from memmcl.experts.exact_logits import exact_top_logits
 from memmcl.experts.packing import DECODE_ATTENTION, routed_attention, shares_prefix
 from memmcl.experts.scoring import (
     MIN_SHARED_PREFIX,
-    exact_top_logits,
     last_positions,
     left_pad,
     output_cache,
