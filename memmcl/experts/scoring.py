@@ -34,6 +34,8 @@ from memmcl.experts.packing import language_model, pack, prefix_attention, share
 
 # A shared prefix shorter than this is not worth a second forward.
 MIN_SHARED_PREFIX = 8
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (input_ids, attention_mask) of sequences padded on the left to the longest one."""
     width = max(map(len, seqs))
